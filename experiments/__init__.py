@@ -1,0 +1,1 @@
+"""Studies: one module per study, each a thin script over `interp` (see `experiments.registry`)."""

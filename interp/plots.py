@@ -1,0 +1,72 @@
+"""Plotly figures shared by studies, and writing them to disk.
+
+Every figure is written as self-contained HTML; PNG export goes through kaleido, which needs a
+Chromium (Debian's `chromium` package works, `scripts/setup.sh` installs it where it can). Where
+none is found the PNG is skipped with a warning and the HTML is still written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import plotly.graph_objects as go
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def find_chromium() -> str | None:
+    """Path of a Chromium/Chrome executable kaleido can drive, or None."""
+    explicit = os.environ.get("BROWSER_PATH")
+    if explicit and Path(explicit).exists():
+        return explicit
+    for name in CHROMIUM_NAMES:
+        if found := shutil.which(name):
+            return found
+    return None
+
+
+def save_figure(fig: go.Figure, stem: str | Path, png: bool = True) -> list[Path]:
+    """Write `fig` to `<stem>.html` and, when a Chromium is available, `<stem>.png`.
+
+    Returns the paths written. PNG failures (no browser, kaleido error) are warnings, never
+    errors: the HTML holds the same figure.
+    """
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = [stem.with_suffix(".html")]
+    fig.write_html(written[0], include_plotlyjs=True)
+    if not png:
+        return written
+    browser = find_chromium()
+    if browser is None:
+        warnings.warn(f"No Chromium found: wrote {written[0].name} but no PNG (install chromium).")
+        return written
+    os.environ.setdefault("BROWSER_PATH", browser)
+    try:
+        fig.write_image(stem.with_suffix(".png"), width=900, height=500, scale=1)
+        written.append(stem.with_suffix(".png"))
+    except Exception as exc:  # kaleido raises several unrelated types
+        warnings.warn(f"PNG export of {stem.name} failed ({type(exc).__name__}: {exc}); HTML written.")
+    return written
+
+
+def bar(labels: Sequence[str], values: Sequence[float], title: str, value_label: str) -> go.Figure:
+    """Horizontal bar chart, first label on top."""
+    fig = go.Figure(go.Bar(x=list(values)[::-1], y=[repr(s) for s in labels][::-1], orientation="h"))
+    fig.update_layout(title=title, xaxis_title=value_label, template="plotly_white",
+                      margin=dict(l=140))
+    return fig
+
+
+def lines(x: Sequence, series: dict[str, Sequence[float]], title: str, x_label: str,
+          y_label: str) -> go.Figure:
+    """One line per named series over a shared x axis (e.g. a quantity per layer)."""
+    fig = go.Figure([go.Scatter(x=list(x), y=list(y), mode="lines+markers", name=name)
+                     for name, y in series.items()])
+    fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label,
+                      template="plotly_white")
+    return fig
