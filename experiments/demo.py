@@ -13,6 +13,7 @@ import time
 import torch
 
 from interp import models, plots
+from interp.tokens import single_token
 from interp.results import write_results
 from interp.studies import StudyConfig
 
@@ -34,7 +35,7 @@ def run(config: StudyConfig, prompt: str = PROMPT, answer: str = " Mary", wrong:
     t0 = time.perf_counter()
     model = models.load(config.model, device=config.device, dtype=config.dtype)
     t_load = time.perf_counter() - t0
-    answer_ids = [model.to_single_token(s) for s in (answer, wrong)]  # errors name a bad token
+    answer_ids = [single_token(model, answer, "answer"), single_token(model, wrong, "wrong answer")]
 
     tokens = model.to_tokens(prompt)
     t0 = time.perf_counter()

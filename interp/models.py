@@ -269,9 +269,22 @@ def load(
                 f"directory. Accepted: {ACCEPTED_FORMS}."
             )
         hf, tokenizer = load_hf(str(path))
-        cfg, state = convert_hf_model(hf)
-        return _build(cfg, state, tokenizer, processing=processing, device=device, dtype=dtype)
+        return from_hf(hf, tokenizer, processing=processing, device=device, dtype=dtype)
     return _from_hub(name, device, dtype, processing)
+
+
+def from_hf(
+    hf_model: torch.nn.Module,
+    tokenizer: Any = None,
+    processing: bool = True,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+    prepend_bos: bool | None = None,
+) -> HookedTransformer:
+    """Convert an HF causal LM in memory (with TL's converters, uncached) to a HookedTransformer."""
+    cfg, state = convert_hf_model(hf_model, prepend_bos=prepend_bos)
+    return _build(cfg, state, tokenizer, processing=processing,
+                  device=_resolve_device(device), dtype=_resolve_dtype(dtype))
 
 
 def load_hf(name: str = DEFAULT_MODEL) -> tuple[torch.nn.Module, Any]:
