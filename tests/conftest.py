@@ -15,8 +15,7 @@ def hf_reference():
     loaded: dict[str, tuple] = {}
 
     def get(name: str):
-        if name not in loaded:
-            loaded.clear()  # keep at most one reference model in memory
+        if name not in loaded:  # both embedded models together fit in ~2 GB
             loaded[name] = models.load_hf(name)
         return loaded[name]
 
