@@ -649,6 +649,16 @@ def _per_hook_rows(
     return {name: tensor[layers.index(_layer_of(name))] for name in names}
 
 
+def _fits_last_dim(vector: Tensor, act: Tensor, name: str, what: str) -> Tensor:
+    """`vector` if its size matches the activation's last axis; a ValueError naming both if not."""
+    if vector.shape[-1] != act.shape[-1]:
+        raise ValueError(
+            f"{what} has size {vector.shape[-1]}, but the activation at {name!r} has "
+            f"{act.shape[-1]} in its last dimension (shape {tuple(act.shape)})"
+        )
+    return vector
+
+
 def _last_dim(model: HookedRootModule | None, names: Sequence[str]) -> tuple[int | None, str]:
     """The last-axis size every hook point in `names` shares (from the config), if known."""
     cfg = getattr(model, "cfg", None)
@@ -695,12 +705,7 @@ class Steer(Hook):
     def _edit(
         self, act: Float[Tensor, "batch pos d"], name: str, offset: int
     ) -> Float[Tensor, "batch pos d"]:
-        vector = self.vectors[name]
-        if vector.shape[-1] != act.shape[-1]:
-            raise ValueError(
-                f"vector has size {vector.shape[-1]}, but the activation at {name!r} has "
-                f"{act.shape[-1]} in its last dimension (shape {tuple(act.shape)})"
-            )
+        vector = _fits_last_dim(self.vectors[name], act, name, "vector")
         dtype = _compute_dtype(act.dtype)
         return act.to(dtype) + self.scale * vector.to(act.device, dtype)
 
@@ -784,12 +789,7 @@ class AblateDirection(Hook):
     def _edit(
         self, act: Float[Tensor, "batch pos d"], name: str, offset: int
     ) -> Float[Tensor, "batch pos d"]:
-        direction = self.directions[name]
-        if direction.shape[-1] != act.shape[-1]:
-            raise ValueError(
-                f"direction has size {direction.shape[-1]}, but the activation at {name!r} "
-                f"has {act.shape[-1]} in its last dimension (shape {tuple(act.shape)})"
-            )
+        direction = _fits_last_dim(self.directions[name], act, name, "direction")
         dtype = _compute_dtype(act.dtype)
         x = act.to(dtype)
         unit = direction.to(act.device, dtype)

@@ -642,6 +642,17 @@ def _looks_like_hub_name(name: str) -> bool:
     return len(parts) == 2 and all(parts) and " " not in name
 
 
+def _in_hf_cache(repo_id: str) -> bool:
+    """Whether the Hugging Face cache already holds `repo_id`'s config (then no Hub is needed,
+    e.g. with HF_HUB_OFFLINE=1)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an invalid repo id and the like: let check_hub report it
+        return False
+
+
 def _from_hub(name: str, device: str, dtype: torch.dtype, processing: bool) -> HookedTransformer:
     if not _looks_like_hub_name(name):
         raise UnknownModelError(
@@ -653,7 +664,8 @@ def _from_hub(name: str, device: str, dtype: torch.dtype, processing: bool) -> H
         official = get_official_model_name(name)
     except ValueError:
         official = name
-    check_hub(official)
+    if not _in_hf_cache(official):
+        check_hub(official)
     loader = HookedTransformer.from_pretrained if processing else HookedTransformer.from_pretrained_no_processing
     model = loader(official, device=device, dtype=dtype)
     return model.eval()
