@@ -1,0 +1,1 @@
+"""Localisation methods over shared sites: exact patching, attribution patching, LRP rules."""
