@@ -74,7 +74,10 @@ def final_columns(
     Equal (up to float rounding) to `model.unembed(model.ln_final(resid))[:, -1].gather(-1, cols)`
     for models without an output soft-cap; soft-capped models get the cap applied too.
     """
-    x = model.ln_final(resid[:, -1:])[:, 0]  # norms may need a pos axis
+    x = resid[:, -1:]
+    if hasattr(model, "ln_final"):  # models without normalisation have none
+        x = model.ln_final(x)
+    x = x[:, 0]
     w = model.W_U.T[columns]  # rows k d_model
     logits = torch.einsum("rd,rkd->rk", x.to(w.dtype), w) + model.b_U[columns]
     cap = getattr(model.cfg, "output_logits_soft_cap", -1.0)

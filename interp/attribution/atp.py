@@ -1,0 +1,105 @@
+"""Attribution patching (AtP): a first-order estimate of every site's patching effect at once.
+
+For a site with activation `a`, patching the source value into the target run changes the
+metric by approximately
+
+    (a_source - a_target) . d metric / d a   (gradient taken on the target run),
+
+so one forward pass on the source, one forward and one backward pass on the target give every
+site of every family (Nanda 2023; Syed et al. 2023). The estimate is exact when the metric is
+linear in the activation (tested on a linear model) and degrades where attention saturates or
+non-linearities bend between the two values (Kramar et al. 2024, "AtP*"). Run it inside
+`interp.attribution.lrp.lrp_rules(model, ...)` and the backward pass follows LRP rules instead
+of plain gradients: that is RelP (arXiv 2508.21258).
+
+The metric is the mean over prompts, so the gradient of the batch mean gives each prompt's
+share and the sum over the batch is the mean effect, the same quantity `exact_patching`
+reports. Sites that aggregate several entries (a head over all positions, a neuron over all
+positions) sum their entries' contributions.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import einops
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from interp.attribution.metrics import LogitDiff
+from interp.attribution.patching import Direction, check_pairs, targets
+from interp.attribution.sites import Scores, default_labels, families
+
+# How each family's `(delta * grad)` of shape `act_axes` reduces to `[batch-summed] site axes`.
+_REDUCE = {
+    "resid": "b p d -> p",
+    "attn": "b p d -> p",
+    "mlp": "b p d -> p",
+    "heads": "b p h d -> h",
+    "heads_by_pos": "b p h d -> p h",
+    "neurons": "b p n -> n",
+}
+
+
+def attribution_patching(
+    model: HookedTransformer,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupt_tokens: Int[Tensor, "batch pos"],
+    metric: LogitDiff,
+    site_families: str | Sequence[str] = ("resid", "attn", "mlp", "heads"),
+    direction: Direction = "denoise",
+    method: str = "atp",
+) -> dict[str, Scores]:
+    """AtP scores per family: `(a_source - a_target) . grad` summed over each site's entries.
+
+    Args:
+        model: any HookedTransformer; its parameters' `requires_grad` is left as it was.
+        clean_tokens, corrupt_tokens, metric, site_families, direction: as in `exact_patching`.
+        method: the name recorded in the returned `Scores` (`"relp"` when run under LRP rules).
+    """
+    check_pairs(clean_tokens, corrupt_tokens, metric)
+    target, source = targets(clean_tokens, corrupt_tokens, direction)
+    device = model.cfg.device
+    target, source = target.to(device), source.to(device)
+    fams = families(site_families)
+    names = sorted({f.hook_name(layer) for f in fams for layer in range(model.cfg.n_layers)})
+
+    with torch.no_grad():
+        _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
+
+    captured: dict[str, Tensor] = {}
+
+    def keep(act: Tensor, hook) -> None:
+        captured[hook.name] = act
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
+        # Gradients are needed w.r.t. activations only; make sure the graph exists even if the
+        # caller froze the parameters.
+        embed = model.embed.W_E
+        was = embed.requires_grad
+        embed.requires_grad_(True)
+        try:
+            logits = model(target)
+            value = metric(logits).mean()
+            grads = torch.autograd.grad(value, [captured[n] for n in names], allow_unused=True)
+        finally:
+            embed.requires_grad_(was)
+    grad_of = dict(zip(names, grads))
+    baseline = value.item()
+
+    results = {}
+    for fam in fams:
+        per_layer = []
+        for layer in range(model.cfg.n_layers):
+            name = fam.hook_name(layer)
+            grad = grad_of[name]
+            delta = source_cache[name] - captured[name].detach()
+            contrib = delta * grad if grad is not None else torch.zeros_like(delta)
+            per_layer.append(einops.reduce(contrib.float(), _REDUCE[fam.name], "sum"))
+        results[fam.name] = Scores(
+            family=fam.name, method=method, values=torch.stack(per_layer).cpu(),
+            dims=fam.dims, labels=default_labels(model, fam, target), baseline=baseline,
+        )
+    return results
