@@ -68,36 +68,59 @@ def attribution_patching(
 
     with torch.no_grad():
         _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
+    target_acts, grads, baseline = activation_grads(model, target, metric, names)
+    deltas = {n: source_cache[n] - target_acts[n] for n in names}
+    return scores_from_grads(model, fams, deltas, grads, target, baseline, method)
 
+
+def activation_grads(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    metric: LogitDiff,
+    names: Sequence[str],
+    fwd_hooks: Sequence = (),
+) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
+    """Activations at `names` (detached), d mean(metric) / d activation, and the metric value.
+
+    One forward and one backward pass; `fwd_hooks` are applied during the forward pass (before
+    the capture hooks). Unreached activations get a zero gradient. The parameters'
+    `requires_grad` flags are restored afterwards.
+    """
     captured: dict[str, Tensor] = {}
 
     def keep(act: Tensor, hook) -> None:
         captured[hook.name] = act
 
-    with torch.enable_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
-        # Gradients are needed w.r.t. activations only; make sure the graph exists even if the
-        # caller froze the parameters.
-        embed = model.embed.W_E
-        was = embed.requires_grad
-        embed.requires_grad_(True)
+    embed = model.embed.W_E
+    was = embed.requires_grad
+    with torch.enable_grad(), model.hooks(fwd_hooks=[*fwd_hooks, *[(n, keep) for n in names]]):
+        embed.requires_grad_(True)  # the graph must exist even if the caller froze parameters
         try:
-            logits = model(target)
-            value = metric(logits).mean()
+            value = metric(model(tokens)).mean()
             grads = torch.autograd.grad(value, [captured[n] for n in names], allow_unused=True)
         finally:
             embed.requires_grad_(was)
-    grad_of = dict(zip(names, grads))
-    baseline = value.item()
+    grad_of = {n: g if g is not None else torch.zeros_like(captured[n]) for n, g in zip(names, grads)}
+    return {n: a.detach() for n, a in captured.items()}, grad_of, value.item()
 
+
+def scores_from_grads(
+    model: HookedTransformer,
+    fams: Sequence,
+    deltas: dict[str, Tensor],
+    grads: dict[str, Tensor],
+    target: Tensor,
+    baseline: float,
+    method: str,
+) -> dict[str, Scores]:
+    """`Scores` per family from `delta * grad` at each hook point, reduced to the site axes."""
     results = {}
     for fam in fams:
         per_layer = []
         for layer in range(model.cfg.n_layers):
             name = fam.hook_name(layer)
-            grad = grad_of[name]
-            delta = source_cache[name] - captured[name].detach()
-            contrib = delta * grad if grad is not None else torch.zeros_like(delta)
-            per_layer.append(einops.reduce(contrib.float(), _REDUCE[fam.name], "sum"))
+            contrib = (deltas[name] * grads[name]).float()
+            per_layer.append(einops.reduce(contrib, _REDUCE[fam.name], "sum"))
         results[fam.name] = Scores(
             family=fam.name, method=method, values=torch.stack(per_layer).cpu(),
             dims=fam.dims, labels=default_labels(model, fam, target), baseline=baseline,
