@@ -70,3 +70,29 @@ def lines(x: Sequence, series: dict[str, Sequence[float]], title: str, x_label: 
     fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label,
                       template="plotly_white")
     return fig
+
+
+def scatter_vs(reference: Sequence[float], series: dict[str, Sequence[float]], title: str,
+               x_label: str, y_label: str) -> go.Figure:
+    """One scatter trace per named series against a shared reference (method vs exact), with
+    the y = x line."""
+    ref = list(reference)
+    fig = go.Figure([go.Scatter(x=ref, y=list(y), mode="markers", name=name, opacity=0.7)
+                     for name, y in series.items()])
+    if ref:
+        lo, hi = min(ref), max(ref)
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x",
+                                 line=dict(dash="dash", color="gray")))
+    fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label, template="plotly_white")
+    return fig
+
+
+def heatmap(values, x_labels: Sequence[str], y_labels: Sequence[str], title: str, x_label: str,
+            y_label: str) -> go.Figure:
+    """A diverging heatmap centred on zero (e.g. a patching effect per layer and position)."""
+    z = [list(map(float, row)) for row in values]
+    bound = max((abs(v) for row in z for v in row), default=1.0) or 1.0
+    fig = go.Figure(go.Heatmap(z=z, x=list(x_labels), y=list(y_labels), colorscale="RdBu",
+                               zmid=0, zmin=-bound, zmax=bound))
+    fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label, template="plotly_white")
+    return fig

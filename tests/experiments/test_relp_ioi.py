@@ -1,0 +1,27 @@
+"""End to end: `interp run relp-ioi` at small size on the default model."""
+
+from __future__ import annotations
+
+import json
+
+from interp import cli, models
+
+
+def test_relp_ioi_writes_the_agreement_table_and_figures(tmp_path, capsys):
+    assert cli.main(["run", "relp-ioi", "--n-pairs", "1", "--ig-steps", "2", "--out", str(tmp_path)]) == 0
+    out_dir = tmp_path / "relp-ioi" / models.DEFAULT_MODEL
+    results = json.loads((out_dir / "results.json").read_text())
+    for family in ("resid", "attn", "mlp", "heads"):
+        for method in ("atp", "ig", "relp", "relp_no_ln", "relp_no_identity", "relp_no_half"):
+            entry = results["agreement"][family][method]
+            assert -1 <= entry["pearson"] <= 1 and -1 <= entry["spearman"] <= 1
+        assert (out_dir / f"scatter_{family}.html").exists()
+    assert results["paper_pearson"]["values"]["mlp"]["relp"] == 0.992
+    assert results["logit_diff"]["clean"] > results["logit_diff"]["corrupt"]
+    assert (out_dir / "heatmap_resid_exact.html").exists()
+    printed = capsys.readouterr().out
+    assert "Pearson r with exact patching" in printed
+
+    # a second run with the same settings resumes from the saved scores
+    assert cli.main(["run", "relp-ioi", "--n-pairs", "1", "--ig-steps", "2", "--out", str(tmp_path)]) == 0
+    assert "exact: loaded from" in capsys.readouterr().out
