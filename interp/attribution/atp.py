@@ -59,18 +59,30 @@ def attribution_patching(
         clean_tokens, corrupt_tokens, metric, site_families, direction: as in `exact_patching`.
         method: the name recorded in the returned `Scores` (`"relp"` when run under LRP rules).
     """
-    check_pairs(clean_tokens, corrupt_tokens, metric)
-    target, source = targets(clean_tokens, corrupt_tokens, direction)
-    device = model.cfg.device
-    target, source = target.to(device), source.to(device)
-    fams = families(site_families)
-    names = sorted({f.hook_name(layer) for f in fams for layer in range(model.cfg.n_layers)})
-
+    target, source, fams, names = prepare(model, clean_tokens, corrupt_tokens, metric,
+                                          site_families, direction)
     with torch.no_grad():
         _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
     target_acts, grads, baseline = activation_grads(model, target, metric, names)
     deltas = {n: source_cache[n] - target_acts[n] for n in names}
     return scores_from_grads(model, fams, deltas, grads, target, baseline, method)
+
+
+def prepare(
+    model: HookedTransformer,
+    clean_tokens: Tensor,
+    corrupt_tokens: Tensor,
+    metric: LogitDiff,
+    site_families: str | Sequence[str],
+    direction: Direction,
+) -> tuple[Tensor, Tensor, list, list[str]]:
+    """Checked (target, source) tokens on the model's device, the families, and their hook names."""
+    check_pairs(clean_tokens, corrupt_tokens, metric)
+    target, source = targets(clean_tokens, corrupt_tokens, direction)
+    device = model.cfg.device
+    fams = families(site_families)
+    names = sorted({f.hook_name(layer) for f in fams for layer in range(model.cfg.n_layers)})
+    return target.to(device), source.to(device), fams, names
 
 
 def activation_grads(

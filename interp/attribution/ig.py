@@ -22,10 +22,10 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from interp.attribution.atp import activation_grads, scores_from_grads
+from interp.attribution.atp import activation_grads, prepare, scores_from_grads
 from interp.attribution.metrics import LogitDiff
-from interp.attribution.patching import Direction, check_pairs, targets
-from interp.attribution.sites import Scores, families
+from interp.attribution.patching import Direction
+from interp.attribution.sites import Scores
 
 EMBED_HOOKS = ("hook_embed", "hook_pos_embed")
 
@@ -46,12 +46,8 @@ def integrated_gradients(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    check_pairs(clean_tokens, corrupt_tokens, metric)
-    target, source = targets(clean_tokens, corrupt_tokens, direction)
-    device = model.cfg.device
-    target, source = target.to(device), source.to(device)
-    fams = families(site_families)
-    names = sorted({f.hook_name(layer) for f in fams for layer in range(model.cfg.n_layers)})
+    target, source, fams, names = prepare(model, clean_tokens, corrupt_tokens, metric,
+                                          site_families, direction)
     embeds = [n for n in EMBED_HOOKS if n in model.hook_dict]
     with torch.no_grad():
         _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in {*names, *embeds})
