@@ -414,7 +414,6 @@ def _hf_from_gguf(path: Path) -> tuple[torch.nn.Module, Any]:
     # The weights are dequantised now; the GGUF note would make TL refuse to convert them.
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
-    hf.config.__dict__.pop("quantization_config", None)
     return hf, tokenizer
 
 

@@ -67,20 +67,21 @@ class LogitDiff:
 
 
 def final_columns(
-    model: HookedTransformer, resid: Float[Tensor, "rows pos d_model"], columns: Int[Tensor, "rows k"]
+    model: HookedTransformer, resid: Float[Tensor, "rows d_model"], columns: Int[Tensor, "rows k"]
 ) -> Float[Tensor, "rows k"]:
-    """Logits at the last position, only at `columns`: `ln_final(resid[:, -1]) @ W_U[:, cols] + b_U`.
-
-    Equal (up to float rounding) to `model.unembed(model.ln_final(resid))[:, -1].gather(-1, cols)`
-    for models without an output soft-cap; soft-capped models get the cap applied too.
+    """Logits at `columns` from the final residual stream at the prediction position (before
+    the final norm): `ln_final(resid) @ W_U[:, cols] + b_U[cols]`, soft-capped where the model
+    caps its logits. The same numbers as the full logits gathered at `columns`, without the
+    `[rows, d_vocab]` matmul.
     """
-    x = resid[:, -1:]
+    x = resid[:, None, :]  # norms expect a position axis
     if hasattr(model, "ln_final"):  # models without normalisation have none
         x = model.ln_final(x)
     x = x[:, 0]
+    columns = columns.to(x.device, torch.long)
     w = model.W_U.T[columns]  # rows k d_model
-    logits = torch.einsum("rd,rkd->rk", x.to(w.dtype), w) + model.b_U[columns]
+    logits = torch.einsum("rd,rkd->rk", x, w.to(x.dtype)) + model.b_U[columns].to(x.dtype)
     cap = getattr(model.cfg, "output_logits_soft_cap", -1.0)
-    if cap and cap > 0:
+    if cap is not None and cap > 0:
         logits = cap * torch.tanh(logits / cap)
     return logits

@@ -98,7 +98,8 @@ def exact_patching(
         _, source_cache = model.run_with_cache(
             source, names_filter=lambda n: any(n.endswith(f.hook.split("}", 1)[1]) for f in fams)
         )
-        baseline_rows = metric.from_columns(final_columns(model, _run_from(model, 0, target), columns))
+        final = _run_from(model, 0, target)[:, -1]
+        baseline_rows = metric.from_columns(final_columns(model, final, columns))
     baseline = baseline_rows.mean().item()
 
     sizes = axis_sizes(model, target.shape[1])
@@ -124,7 +125,8 @@ def exact_patching(
 
                 resid = einops.repeat(start, "b p d -> (s b) p d", s=n)
                 with torch.no_grad(), model.hooks(fwd_hooks=[(fam.hook_name(layer), patch_hook)]):
-                    cols = final_columns(model, _run_from(model, layer, resid), columns.repeat(n, 1))
+                    final = _run_from(model, layer, resid)[:, -1]
+                    cols = final_columns(model, final, columns.repeat(n, 1))
                 patched = metric.from_columns(cols).view(n, batch)
                 values[layer, sites] = (patched - baseline_rows).mean(1).float().cpu()
                 bar.update(n)

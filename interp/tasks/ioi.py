@@ -63,6 +63,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from interp.attribution.metrics import final_columns
 from interp.tokens import single_token
 
 __all__ = [
@@ -736,16 +737,7 @@ def logit_diff_from_resid(
     (plus bias and any logit soft-cap): the same numbers as `logit_diff` on the full logits,
     without a `[batch, d_vocab]` matmul.
     """
-    x = resid[:, None, :]
-    if model.cfg.normalization_type is not None:
-        x = model.ln_final(x)
-    x = x[:, 0]
-    ids = torch.stack([answer_ids, wrong_ids], dim=1).to(x.device, torch.long)  # [batch, 2]
-    w = model.W_U.T[ids]  # [batch, 2, d_model]
-    logits = torch.einsum("bd,bkd->bk", x, w.to(x.dtype)) + model.b_U[ids].to(x.dtype)
-    cap = model.cfg.output_logits_soft_cap
-    if cap is not None and cap > 0:
-        logits = cap * torch.tanh(logits / cap)
+    logits = final_columns(model, resid, torch.stack([answer_ids, wrong_ids], dim=1))
     return logits[:, 0] - logits[:, 1]
 
 

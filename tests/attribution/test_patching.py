@@ -86,7 +86,7 @@ def test_final_columns_equal_full_logits():
     with torch.no_grad():
         full = model(tokens)[:, -1].gather(-1, cols)
         resid = model(tokens, stop_at_layer=model.cfg.n_layers)
-        assert torch.allclose(final_columns(model, resid, cols), full, atol=1e-5)
+        assert torch.allclose(final_columns(model, resid[:, -1], cols), full, atol=1e-5)
 
 
 def test_default_model_subset_matches_transformer_lens(default_model):
