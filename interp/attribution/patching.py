@@ -15,9 +15,13 @@ How it is fast (DESIGN.md, performance principles), compared with TransformerLen
   target's cached `resid_pre` at layer L and runs only blocks L..end;
 - only the logits the metric reads are computed (`metrics.final_columns`): the final norm at the
   last position and a few unembedding columns, not the whole vocabulary at every position;
+- a patch at position p cannot change positions before p (causal attention), so patches of a
+  family with a position axis run on positions p.. only, reading the target run's keys and
+  values of earlier positions from a KV cache (TransformerLens's own cache entries);
 - rows are chunked so that one chunk's activations stay under `memory_gb`.
 
-Caveat: prompts in a batch must have the same length (no padding), as in TL's `patching.py`.
+Prompts of different lengths can share a batch: right-pad them and give the metric each
+prompt's `end_pos`. With causal attention the padding never reaches a prompt's prediction.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from typing import Literal, Sequence
 
 import einops
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from interp.attribution.metrics import LogitDiff, final_columns
 from interp.attribution.sites import Scores, SiteFamily, axis_sizes, default_labels, families
@@ -72,17 +78,27 @@ def exact_patching(
     direction: Direction = "denoise",
     memory_gb: float = 2.0,
     progress: bool = True,
+    skip_prefix: bool = True,
+    call_cost: float = 64.0,
 ) -> dict[str, Scores]:
     """Patch every site of each family, batched; return `Scores` per family (method `exact`).
 
     Args:
-        model: any HookedTransformer.
-        clean_tokens, corrupt_tokens: `[batch, pos]`, same shape.
-        metric: reads a few logit columns at the last position (`LogitDiff`, normalised or not).
+        model: any HookedTransformer with causal attention.
+        clean_tokens, corrupt_tokens: `[batch, pos]`, same shape; right-padded prompts of
+            different lengths are fine when `metric.end_pos` marks each prompt's last token.
+        metric: reads a few logit columns at each prompt's prediction position (`LogitDiff`).
         site_families: names from `sites.FAMILIES`.
         direction: `"denoise"` (clean into corrupt, default) or `"noise"`.
         memory_gb: rough bound on the activations of one chunk of patched runs.
         progress: show a progress bar.
+        skip_prefix: for families with a position axis, run a chunk whose patches start at
+            position `p0` on positions `p0..` only, with the target run's keys and values of
+            positions `< p0` (which no such patch can change) supplied as a KV cache.
+        call_cost: the fixed cost of one block call in units of (row x position) of work, used
+            to decide how positions are grouped into chunks (TransformerLens copies some
+            weight matrices on every call, so many tiny chunks are slower than a few larger
+            ones; on a 2-core CPU one call costs about as much as 64-100 row-positions).
     """
     check_pairs(clean_tokens, corrupt_tokens, metric)
     target, source = targets(clean_tokens, corrupt_tokens, direction)
@@ -90,44 +106,42 @@ def exact_patching(
     target, source = target.to(device), source.to(device)
     fams = families(site_families)
     n_layers = model.cfg.n_layers
+    batch, n_pos = target.shape
     columns = metric.columns.to(device)
+    end = metric.positions(n_pos).to(device)
     with torch.no_grad():
-        _, target_cache = model.run_with_cache(
-            target, names_filter=lambda n: n.endswith("hook_resid_pre")
-        )
+        starts, kv = _target_run(model, target)
+        final = starts[n_layers][torch.arange(batch, device=device), end]
+        baseline_rows = metric.from_columns(final_columns(model, final, columns))
         _, source_cache = model.run_with_cache(
             source, names_filter=lambda n: any(n.endswith(f.hook.split("}", 1)[1]) for f in fams)
         )
-        final = _run_from(model, 0, target)[:, -1]
-        baseline_rows = metric.from_columns(final_columns(model, final, columns))
     baseline = baseline_rows.mean().item()
 
-    sizes = axis_sizes(model, target.shape[1])
-    batch = target.shape[0]
-    per_site_rows = _sites_per_chunk(model, target.shape[1], batch, memory_gb)
+    sizes = axis_sizes(model, n_pos)
+    max_sites = _sites_per_chunk(model, n_pos, batch, memory_gb)
     bar = tqdm(total=sum(math.prod(sizes[a] for a in f.axes) for f in fams) * n_layers,
                desc="exact patching", disable=not progress, unit="site")
     results = {}
     for fam in fams:
         shape = tuple(sizes[a] for a in fam.axes)
         values = torch.zeros(n_layers, math.prod(shape))
+        chunks = _chunks(fam, shape, batch, max_sites, skip_prefix, call_cost)
         for layer in range(n_layers):
-            start = target_cache[f"blocks.{layer}.hook_resid_pre"]
             src = source_cache[fam.hook_name(layer)]
-            for lo in range(0, values.shape[1], per_site_rows):
-                sites = torch.arange(lo, min(lo + per_site_rows, values.shape[1]))
-                mask = _site_mask(fam, sites, shape, src.shape[1:]).to(device)
+            for sites, p0 in chunks:
                 n = len(sites)
+                mask = _site_mask(fam, sites, shape, src.shape[1:])[:, :, p0:].to(device)
+                src_tail = src[:, p0:]
 
-                def patch_hook(act, hook, mask=mask, src=src, n=n):
+                def patch_hook(act, hook, mask=mask, src=src_tail, n=n):
                     act = act.view(n, batch, *act.shape[1:])
                     return torch.where(mask, src.unsqueeze(0), act).flatten(0, 1)
 
-                resid = einops.repeat(start, "b p d -> (s b) p d", s=n)
+                resid = einops.repeat(starts[layer][:, p0:], "b p d -> (s b) p d", s=n)
                 with torch.no_grad(), model.hooks(fwd_hooks=[(fam.hook_name(layer), patch_hook)]):
-                    final = _run_from(model, layer, resid)[:, -1]
-                    cols = final_columns(model, final, columns.repeat(n, 1))
-                patched = metric.from_columns(cols).view(n, batch)
+                    out = _run_blocks(model, layer, resid, kv, p0, n)
+                patched = _patched_metric(model, metric, out, end, p0, columns, baseline_rows, n)
                 values[layer, sites] = (patched - baseline_rows).mean(1).float().cpu()
                 bar.update(n)
         results[fam.name] = Scores(
@@ -138,14 +152,97 @@ def exact_patching(
     return results
 
 
-def _run_from(model: HookedTransformer, layer: int, x: Tensor) -> Tensor:
-    """The final residual stream from tokens (`layer == 0` and integer `x`) or from the
-    residual stream entering `layer`."""
-    if not x.is_floating_point():
-        return model(x, stop_at_layer=model.cfg.n_layers)  # embeddings + every block
-    for block in model.blocks[layer:]:
-        x = block(x)
+def _target_run(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"]
+) -> tuple[list[Tensor], list[TransformerLensKeyValueCacheEntry]]:
+    """The target run block by block: the residual stream entering each layer (and the final
+    one, last) and each layer's keys and values as TransformerLens caches them."""
+    x = model(tokens, stop_at_layer=0)  # embeddings (and position embeddings) only
+    kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, tokens.shape[0]).entries
+    starts = [x]
+    for block, entry in zip(model.blocks, kv):
+        x = block(x, past_kv_cache_entry=entry)
+        starts.append(x)
+    for entry in kv:
+        entry.frozen = True
+    return starts, kv
+
+
+def _run_blocks(
+    model: HookedTransformer,
+    layer: int,
+    x: Float[Tensor, "rows pos d_model"],
+    kv: list[TransformerLensKeyValueCacheEntry],
+    p0: int,
+    copies: int,
+) -> Float[Tensor, "rows pos d_model"]:
+    """Blocks `layer..` on positions `p0..` of `copies` stacked target batches, the target's
+    keys and values of positions `< p0` given as a frozen KV cache."""
+    for block, entry in zip(model.blocks[layer:], kv[layer:]):
+        past = None
+        if p0 > 0:
+            past = TransformerLensKeyValueCacheEntry(
+                past_keys=entry.past_keys[:, :p0].repeat(copies, 1, 1, 1),
+                past_values=entry.past_values[:, :p0].repeat(copies, 1, 1, 1),
+                frozen=True,
+            )
+        x = block(x, past_kv_cache_entry=past)
     return x
+
+
+def _patched_metric(
+    model: HookedTransformer,
+    metric: LogitDiff,
+    out: Float[Tensor, "rows pos d_model"],
+    end: Int[Tensor, " batch"],
+    p0: int,
+    columns: Int[Tensor, "batch k"],
+    baseline_rows: Float[Tensor, " batch"],
+    copies: int,
+) -> Float[Tensor, "copies batch"]:
+    """The metric of each patched row. A prompt whose prediction position lies before `p0`
+    cannot be affected by patches at `p0..` (causal attention): it keeps its baseline."""
+    batch = end.shape[0]
+    rel = (end - p0).clamp(min=0).repeat(copies)
+    final = out[torch.arange(out.shape[0], device=out.device), rel]
+    patched = metric.from_columns(final_columns(model, final, columns.repeat(copies, 1)))
+    patched = patched.view(copies, batch)
+    return torch.where((end >= p0).unsqueeze(0), patched, baseline_rows.unsqueeze(0))
+
+
+def _chunks(
+    fam: SiteFamily, shape: tuple[int, ...], batch: int, max_sites: int, skip_prefix: bool,
+    call_cost: float,
+) -> list[tuple[Tensor, int]]:
+    """Sites of one layer in chunks, each with the first position `p0` it must compute.
+
+    Without a position axis (or with `skip_prefix` off) every chunk starts at 0 and chunks are
+    as large as memory allows. With a position axis, sites are grouped by position (site order
+    is position-major), and the grouping minimises `calls * call_cost + sum(rows * positions)`
+    over consecutive groups by dynamic programming: small groups skip more positions, large
+    groups make fewer calls.
+    """
+    n_sites = math.prod(shape)
+    if not skip_prefix or fam.axes[0] != "pos":
+        return [(torch.arange(lo, min(lo + max_sites, n_sites)), 0)
+                for lo in range(0, n_sites, max_sites)]
+    n_pos, per_pos = shape[0], n_sites // shape[0]
+    # best[i]: the cheapest cost of positions i.. ; choice[i]: where the group starting at i ends.
+    best = [0.0] * (n_pos + 1)
+    choice = [n_pos] * (n_pos + 1)
+    for i in range(n_pos - 1, -1, -1):
+        best[i] = math.inf
+        for j in range(i + 1, n_pos + 1):
+            sites = (j - i) * per_pos
+            cost = math.ceil(sites / max_sites) * call_cost + sites * batch * (n_pos - i) + best[j]
+            if cost < best[i]:
+                best[i], choice[i] = cost, j
+    chunks, i = [], 0
+    while i < n_pos:
+        sites = torch.arange(i * per_pos, choice[i] * per_pos)
+        chunks += [(sites[lo:lo + max_sites], i) for lo in range(0, len(sites), max_sites)]
+        i = choice[i]
+    return chunks
 
 
 def _site_mask(

@@ -36,7 +36,8 @@ where the next-token prediction is read. In a causal model a token never sees th
 it, so right padding leaves every real position's activations and logits exactly as in an
 unpadded run; no attention mask is needed and positions start at 0 in every row (left padding
 would shift them). Two consequences: read metrics at `end_pos`, not at -1 (`PromptPairs.logit_diff`
-and `NormalisedLogitDiff.from_pairs` do it for you), and a position index means the same slot in
+and `PromptPairs.metric`, the `LogitDiff` every attribution method takes, do it for you), and a
+position index means the same slot in
 every row only within one template (`PromptPairs.select(pairs.template == t)`) or one length
 (`PromptPairs.by_length()`, whose groups carry no padding).
 
@@ -63,7 +64,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from interp.attribution.metrics import final_columns
+from interp.attribution.metrics import LogitDiff
 from interp.tokens import single_token
 
 __all__ = [
@@ -72,12 +73,10 @@ __all__ = [
     "OBJECTS",
     "PLACES",
     "TEMPLATES",
-    "NormalisedLogitDiff",
     "PromptPairs",
     "generate_ioi",
     "load_pairs",
     "logit_diff",
-    "logit_diff_from_resid",
     "template_order",
 ]
 
@@ -277,6 +276,16 @@ class PromptPairs:
     def logit_diff(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
         """`logit(answer) - logit(wrong)` at each row's `end_pos`."""
         return logit_diff(logits, self.answer_ids, self.wrong_ids, self.end_pos)
+
+    def metric(self, model: HookedTransformer, normalise: bool = True, batch_size: int = 64) -> LogitDiff:
+        """The logit-difference metric of these pairs, read at each row's `end_pos`, the one
+        metric every attribution method takes. With `normalise`, rescaled by `model`'s mean
+        clean and corrupt logit differences so that clean scores 1 and corrupt 0 on average
+        (an error if the corruption leaves the mean unchanged)."""
+        raw = LogitDiff(self.answer_ids, self.wrong_ids, end_pos=self.end_pos)
+        if not normalise:
+            return raw
+        return raw.normalised(model, self.clean_tokens, self.corrupt_tokens, batch_size=batch_size)
 
 
 def _stack(pairs_tokens: Sequence[list[int]], pad: int) -> Int[Tensor, "batch pos"]:
@@ -722,140 +731,3 @@ def logit_diff(
     ids = torch.stack([answer_ids, wrong_ids], dim=1).to(logits.device, torch.long)
     picked = logits.gather(1, ids)
     return picked[:, 0] - picked[:, 1]
-
-
-def logit_diff_from_resid(
-    model: HookedTransformer,
-    resid: Float[Tensor, "batch d_model"],
-    answer_ids: Int[Tensor, " batch"],
-    wrong_ids: Int[Tensor, " batch"],
-) -> Float[Tensor, " batch"]:
-    """The logit difference from the final residual stream at the prediction position.
-
-    `resid` is `blocks.{n_layers-1}.hook_resid_post` (before the final norm) at each row's
-    prediction position. Applies `model.ln_final`, then only the two needed unembedding columns
-    (plus bias and any logit soft-cap): the same numbers as `logit_diff` on the full logits,
-    without a `[batch, d_vocab]` matmul.
-    """
-    logits = final_columns(model, resid, torch.stack([answer_ids, wrong_ids], dim=1))
-    return logits[:, 0] - logits[:, 1]
-
-
-@dataclass
-class NormalisedLogitDiff:
-    """Logit difference rescaled so that the clean run scores 1 and the corrupt run 0.
-
-    `metric(logits) = (ld - corrupt) / (clean - corrupt)`, per prompt, where `ld` is the
-    prompt's logit difference and `clean`, `corrupt` are the batch-mean baselines. The mean of
-    `metric(clean_logits)` is therefore exactly 1 and that of `metric(corrupt_logits)` exactly 0;
-    individual prompts scatter around those values. The un-normalised per-prompt baselines are
-    kept in `clean_per_prompt` and `corrupt_per_prompt`.
-
-    `select(rows)` gives the metric for a subset of the prompts (for chunked runs) that keeps
-    the whole batch's `clean` and `corrupt` means, so chunks are scored on one scale.
-    """
-
-    answer_ids: Int[Tensor, " batch"]
-    """Correct token per prompt."""
-    wrong_ids: Int[Tensor, " batch"]
-    """Competing token per prompt."""
-    position: Position
-    """Where the prediction is read: one position or one per row (`PromptPairs.end_pos`)."""
-    clean_per_prompt: Float[Tensor, " batch"]
-    """Logit difference of each clean prompt."""
-    corrupt_per_prompt: Float[Tensor, " batch"]
-    """Logit difference of each corrupt prompt (same answer and wrong tokens)."""
-    clean: float | None = None
-    """Mean clean logit difference, which maps to 1 (default: mean of `clean_per_prompt`)."""
-    corrupt: float | None = None
-    """Mean corrupt logit difference, which maps to 0 (default: mean of `corrupt_per_prompt`)."""
-
-    def __post_init__(self) -> None:
-        self.clean_per_prompt = self.clean_per_prompt.detach().float()
-        self.corrupt_per_prompt = self.corrupt_per_prompt.detach().float()
-        if self.clean is None:
-            self.clean = self.clean_per_prompt.mean().item()
-        if self.corrupt is None:
-            self.corrupt = self.corrupt_per_prompt.mean().item()
-        if abs(self.clean - self.corrupt) < 1e-6:
-            raise ValueError(
-                f"clean ({self.clean:.4g}) and corrupt ({self.corrupt:.4g}) mean logit "
-                "differences are equal, so the metric cannot be normalised"
-            )
-
-    def __len__(self) -> int:
-        return self.answer_ids.shape[0]
-
-    def select(self, rows: slice | Sequence[int] | Tensor) -> NormalisedLogitDiff:
-        """The metric for the prompts at `rows`, normalised with the whole batch's means."""
-        index = torch.arange(len(self))[rows] if isinstance(rows, slice) else torch.as_tensor(rows)
-        if index.dtype == torch.bool:
-            index = index.nonzero()[:, 0]
-        index = index.long().reshape(-1).to(self.answer_ids.device)
-        position = self.position[index] if isinstance(self.position, Tensor) else self.position
-        return replace(
-            self,
-            answer_ids=self.answer_ids[index],
-            wrong_ids=self.wrong_ids[index],
-            position=position,
-            clean_per_prompt=self.clean_per_prompt[index.to(self.clean_per_prompt.device)],
-            corrupt_per_prompt=self.corrupt_per_prompt[index.to(self.corrupt_per_prompt.device)],
-        )
-
-    @classmethod
-    def from_logits(
-        cls,
-        clean_logits: Float[Tensor, "batch pos d_vocab"],
-        corrupt_logits: Float[Tensor, "batch pos d_vocab"],
-        answer_ids: Int[Tensor, " batch"],
-        wrong_ids: Int[Tensor, " batch"],
-        position: Position = -1,
-    ) -> NormalisedLogitDiff:
-        """Baselines from clean and corrupt logits you already have."""
-        return cls(
-            answer_ids, wrong_ids, position,
-            logit_diff(clean_logits, answer_ids, wrong_ids, position),
-            logit_diff(corrupt_logits, answer_ids, wrong_ids, position),
-        )
-
-    @classmethod
-    @torch.no_grad()
-    def from_pairs(cls, model: HookedTransformer, pairs: PromptPairs, batch_size: int = 64) -> NormalisedLogitDiff:
-        """Run `model` on the clean and corrupt prompts of `pairs` (in batches, only up to the
-        final residual stream at `end_pos`) and take the baselines from those runs."""
-        pairs = pairs.to(model.cfg.device)
-        out = []
-        for tokens in (pairs.clean_tokens, pairs.corrupt_tokens):
-            parts = []
-            for start in range(0, len(pairs), batch_size):
-                rows = slice(start, start + batch_size)
-                resid = model(tokens[rows], stop_at_layer=model.cfg.n_layers)
-                end = pairs.end_pos[rows]
-                parts.append(resid[torch.arange(resid.shape[0], device=resid.device), end])
-            out.append(logit_diff_from_resid(model, torch.cat(parts), pairs.answer_ids, pairs.wrong_ids))
-        return cls(pairs.answer_ids, pairs.wrong_ids, pairs.end_pos, out[0], out[1])
-
-    def normalise(self, ld: Float[Tensor, " batch"]) -> Float[Tensor, " batch"]:
-        """Rescale raw logit differences: clean mean -> 1, corrupt mean -> 0."""
-        return (ld - self.corrupt) / (self.clean - self.corrupt)
-
-    def __call__(self, logits: Float[Tensor, "batch pos d_vocab"] | Float[Tensor, "batch d_vocab"]) -> Float[Tensor, " batch"]:
-        """Normalised logit difference per prompt (differentiable, for attribution methods)."""
-        return self.normalise(logit_diff(logits, self.answer_ids, self.wrong_ids, self.position))
-
-    def from_final_resid(self, model: HookedTransformer, resid: Float[Tensor, "batch d_model"]) -> Float[Tensor, " batch"]:
-        """Normalised logit difference from the final residual stream at the prediction
-        position (see `logit_diff_from_resid`): no full-vocabulary logits needed."""
-        return self.normalise(logit_diff_from_resid(model, resid, self.answer_ids, self.wrong_ids))
-
-    def to(self, device: str | torch.device) -> NormalisedLogitDiff:
-        """A copy with every tensor on `device`."""
-        position = self.position.to(device) if isinstance(self.position, Tensor) else self.position
-        return replace(
-            self,
-            answer_ids=self.answer_ids.to(device),
-            wrong_ids=self.wrong_ids.to(device),
-            position=position,
-            clean_per_prompt=self.clean_per_prompt.to(device),
-            corrupt_per_prompt=self.corrupt_per_prompt.to(device),
-        )

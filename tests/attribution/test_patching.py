@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformer_lens import patching as tl_patching
@@ -31,9 +33,10 @@ def _tiny_pairs(model, batch=3, pos=7, seed=0):
     return clean, corrupt, metric
 
 
-def _compare_with_tl(model, clean, corrupt, metric, fams, direction="denoise", memory_gb=2.0):
+def _compare_with_tl(model, clean, corrupt, metric, fams, direction="denoise", memory_gb=2.0,
+                     call_cost=64.0):
     ours = exact_patching(model, clean, corrupt, metric, fams, direction=direction,
-                          memory_gb=memory_gb, progress=False)
+                          memory_gb=memory_gb, progress=False, call_cost=call_cost)
     target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     _, source_cache = model.run_with_cache(source)
     for fam in fams:
@@ -47,10 +50,14 @@ def _compare_with_tl(model, clean, corrupt, metric, fams, direction="denoise", m
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_equals_transformer_lens_patching_on_tiny_models(name, direction):
+@pytest.mark.parametrize("call_cost", [64.0, 0.0], ids=["grouped", "one-position-per-chunk"])
+def test_equals_transformer_lens_patching_on_tiny_models(name, direction, call_cost):
+    """call_cost 0 makes every position its own chunk, so every chunk but the first runs from
+    a KV cache of the target's earlier positions."""
     model = models.load(name)
     clean, corrupt, metric = _tiny_pairs(model)
-    ours = _compare_with_tl(model, clean, corrupt, metric, list(TL_FUNCTIONS), direction)
+    ours = _compare_with_tl(model, clean, corrupt, metric, list(TL_FUNCTIONS), direction,
+                            call_cost=call_cost)
     # the sites matter: some effects are far from zero
     assert ours["resid"].values.abs().max() > 0.1
 
@@ -63,6 +70,29 @@ def test_chunking_does_not_change_results():
                            progress=False)  # one site per chunk
     for fam in big:
         assert torch.allclose(big[fam].values, small[fam].values, atol=1e-5)
+
+
+def test_right_padded_prompts_of_different_lengths_equal_separate_runs():
+    """A batch of a 7-token and a 5-token prompt (right-padded, `end_pos` set) scores each site
+    as the mean of the two prompts patched separately; pad positions of the short prompt add 0."""
+    model = models.load("tiny-llama")
+    clean, corrupt, metric = _tiny_pairs(model, batch=2)
+    metric = LogitDiff(metric.answer_ids, metric.wrong_ids, clean=2.0, corrupt=-1.0,
+                       end_pos=torch.tensor([6, 4]))
+    clean[1, 5:], corrupt[1, 5:] = 0, 0  # padding after the short prompt's end
+    fams = ["resid", "mlp", "heads_by_pos", "heads"]
+    both = exact_patching(model, clean, corrupt, metric, fams, progress=False, call_cost=0.0)
+    one = exact_patching(model, clean[:1], corrupt[:1], metric.select([0]), fams, progress=False)
+    two = exact_patching(model, clean[1:, :5], corrupt[1:, :5],
+                         replace(metric.select([1]), end_pos=None), fams, progress=False)
+    for fam in fams:
+        short = two[fam].values
+        if "pos" in two[fam].dims:  # the short prompt has no sites at positions 5 and 6
+            pad = [0, 0] * (short.ndim - 2) + [0, 2]
+            short = torch.nn.functional.pad(short, pad)
+        expected = (one[fam].values + short) / 2
+        assert torch.allclose(both[fam].values, expected, atol=1e-5), fam
+    assert both["resid"].values.abs().max() > 0.05
 
 
 def test_patching_everything_at_layer_0_gives_the_source_run():

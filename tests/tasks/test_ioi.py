@@ -17,7 +17,8 @@ import torch
 
 from interp import models
 from interp.tasks import ioi
-from interp.tasks.ioi import NormalisedLogitDiff, generate_ioi, load_pairs, logit_diff
+from interp.attribution.metrics import LogitDiff
+from interp.tasks.ioi import generate_ioi, load_pairs, logit_diff
 
 NAME_SET = set(ioi.NAMES)
 
@@ -226,17 +227,13 @@ def test_normalised_metric_is_one_on_clean_and_zero_on_corrupt(default_model, en
     pairs = end50["pairs"]
     clean_ld = _hand_logit_diffs(pairs, end50["clean_logits"])
     corrupt_ld = _hand_logit_diffs(pairs, end50["corrupt_logits"])
-    metric = NormalisedLogitDiff.from_logits(
-        end50["clean_logits"], end50["corrupt_logits"], pairs.answer_ids, pairs.wrong_ids
-    )
-    torch.testing.assert_close(metric.clean_per_prompt, clean_ld, atol=1e-4, rtol=0)
-    torch.testing.assert_close(metric.corrupt_per_prompt, corrupt_ld, atol=1e-4, rtol=0)
-    assert metric.clean == pytest.approx(clean_ld.mean().item(), abs=1e-4)
-    assert metric.corrupt == pytest.approx(corrupt_ld.mean().item(), abs=1e-4)
-    expected = (clean_ld - corrupt_ld.mean()) / (clean_ld.mean() - corrupt_ld.mean())
+    metric = pairs.metric(default_model, batch_size=16)
+    assert metric.clean == pytest.approx(clean_ld.mean().item(), abs=1e-3)
+    assert metric.corrupt == pytest.approx(corrupt_ld.mean().item(), abs=1e-3)
+    expected = (clean_ld - metric.corrupt) / (metric.clean - metric.corrupt)
     torch.testing.assert_close(metric(end50["clean_logits"]), expected, atol=1e-4, rtol=0)
-    assert metric(end50["clean_logits"]).mean().item() == pytest.approx(1.0, abs=1e-5)
-    assert metric(end50["corrupt_logits"]).mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert metric(end50["clean_logits"]).mean().item() == pytest.approx(1.0, abs=1e-3)
+    assert metric(end50["corrupt_logits"]).mean().item() == pytest.approx(0.0, abs=1e-3)
     # The model barely separates the clean names on the "abc" corruption.
     assert abs(metric.corrupt) < 0.5 * metric.clean
 
@@ -249,9 +246,9 @@ def test_normalised_metric_is_one_on_clean_and_zero_on_corrupt(default_model, en
     torch.testing.assert_close(chunk(end50["clean_logits"][10:20]), expected[10:20], atol=1e-4, rtol=0)
 
 
-def test_padded_batch_full_logits_and_from_pairs(default_model, end50):
-    """Right-padded full logits read at end_pos equal unpadded single-prompt runs, and
-    `from_pairs` (final residual only) reproduces the hand-computed baselines."""
+def test_padded_batch_full_logits_and_metric(default_model, end50):
+    """Right-padded full logits read at end_pos equal unpadded single-prompt runs, and the
+    metric's baselines (final residual only, in batches) reproduce the hand-computed ones."""
     model, pairs = default_model, end50["pairs"]
     rows = [int(pairs.end_pos.argmin()), int(pairs.end_pos.argmax()), 0, 1, 2, 3]
     sub = pairs.select(rows)
@@ -263,17 +260,15 @@ def test_padded_batch_full_logits_and_from_pairs(default_model, end50):
     clean_ld = _hand_logit_diffs(pairs, end50["clean_logits"])[rows]
     corrupt_ld = _hand_logit_diffs(pairs, end50["corrupt_logits"])[rows]
     torch.testing.assert_close(sub.logit_diff(clean), clean_ld, atol=1e-3, rtol=0)
-    full = NormalisedLogitDiff.from_logits(
-        clean, model(sub.corrupt_tokens), sub.answer_ids, sub.wrong_ids, sub.end_pos
-    )
-    torch.testing.assert_close(full.corrupt_per_prompt, corrupt_ld, atol=1e-3, rtol=0)
-    from_model = NormalisedLogitDiff.from_pairs(model, sub, batch_size=4)
-    torch.testing.assert_close(from_model.clean_per_prompt, clean_ld, atol=1e-3, rtol=0)
-    torch.testing.assert_close(from_model.corrupt_per_prompt, corrupt_ld, atol=1e-3, rtol=0)
+    raw = sub.metric(model, normalise=False)
+    torch.testing.assert_close(raw(model(sub.corrupt_tokens)), corrupt_ld, atol=1e-3, rtol=0)
+    metric = sub.metric(model, batch_size=4)
+    assert metric.clean == pytest.approx(clean_ld.mean().item(), abs=1e-3)
+    assert metric.corrupt == pytest.approx(corrupt_ld.mean().item(), abs=1e-3)
 
 
 def test_swap_corrupt_prefers_the_clean_subject(default_model, swap):
-    metric = NormalisedLogitDiff.from_pairs(default_model, swap[:24])
+    metric = swap[:24].metric(default_model)
     assert metric.clean > 1.0 and metric.corrupt < -1.0
 
 
@@ -287,8 +282,12 @@ def test_logit_diff_positions_and_shapes():
     assert logit_diff(logits[:, 1], answer, wrong).tolist() == [7.0, 0.0]
     with pytest.raises(ValueError, match="one entry per row"):
         logit_diff(logits, answer[:1], wrong[:1])
+    model = models.load("tiny-gpt2")
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 4))
     with pytest.raises(ValueError, match="cannot be normalised"):
-        NormalisedLogitDiff.from_logits(logits, logits, answer, wrong)
+        LogitDiff(answer, wrong).normalised(model, tokens, tokens)
+    with pytest.raises(ValueError, match="end_pos ranges over 0..5 but the tokens have 3"):
+        LogitDiff(answer, wrong, end_pos=torch.tensor([0, 5]))(logits)
 
 
 def test_gemma_bos_positions_and_padding():
@@ -300,11 +299,12 @@ def test_gemma_bos_positions_and_padding():
         ids = gemma.to_tokens(text)[0]
         assert int(pairs.end_pos[i]) == len(ids) - 1
         assert _decode(gemma, ids[int(pairs.positions["IO"][i])]) == " " + Counter(_names(text)).most_common()[-1][0]
-    metric = NormalisedLogitDiff.from_pairs(gemma, pairs)
     i = int(pairs.end_pos.argmin())
     alone = gemma(gemma.to_tokens(pairs.clean_texts[i]))[0, -1]
     by_hand = (alone[pairs.answer_ids[i]] - alone[pairs.wrong_ids[i]]).item()
-    assert metric.clean_per_prompt[i].item() == pytest.approx(by_hand, abs=2e-3)
+    raw = pairs.metric(gemma, normalise=False)
+    assert raw(gemma(pairs.clean_tokens))[i].item() == pytest.approx(by_hand, abs=2e-3)
+    metric = pairs.metric(gemma)
     assert metric.clean > 0 > metric.corrupt
 
 
