@@ -1,11 +1,18 @@
 """RelP on IOI: how closely do AtP, integrated gradients and RelP track exact activation patching?
 
 After "RelP: Faithful and Efficient Circuit Discovery via Relevance Patching" (arXiv 2508.21258).
-For IOI prompt pairs (ABC corruption by default) every method scores the same sites (residual
-stream, attention and MLP outputs by layer and position; attention heads) for the same
-normalised logit-difference metric, patching clean activations into the corrupt run. Agreement
-with exact patching is Pearson r (the paper's number), Spearman rho and top-10 overlap. RelP is
-run with the paper's rules and with each rule switched off, plus the two attention variants.
+For IOI prompt pairs (ABC corruption by default) every method (AtP, AtP* with and without
+GradDrop, integrated gradients, RelP) scores the same sites (residual stream, attention and MLP
+outputs by layer and position; attention heads) for the same normalised logit-difference
+metric, patching clean activations into the corrupt run. Agreement with exact patching is
+Pearson r (the paper's number), Spearman rho and top-10 overlap; GradDrop's scores are
+magnitudes and are compared with |exact|. RelP is run with the paper's rules and with each rule
+switched off, plus the two attention variants.
+
+Prompts from different templates have different lengths; they share one right-padded batch and
+the metric reads each prompt at its own last token. A site "layer L, position p" is therefore
+the same absolute position in every prompt, which is the same slot (name, verb, ...) only within
+a template; the score is the mean over prompts, as in the paper's dataset-level patching.
 
 Writes `results.json` (agreement table beside the paper's GPT-2 numbers, clean/corrupt logit
 differences, config, timings), scatter plots per family, layer x position heatmaps of exact
@@ -25,10 +32,10 @@ import torch
 
 from interp import models, plots
 from interp.attribution.atp import attribution_patching
+from interp.attribution.atp_star import atp_star
 from interp.attribution.compare import agreement
 from interp.attribution.ig import integrated_gradients
 from interp.attribution.lrp import LRPRules
-from interp.attribution.metrics import LogitDiff
 from interp.attribution.patching import exact_patching
 from interp.attribution.relp import relp
 from interp.results import write_results
@@ -52,6 +59,9 @@ RULE_VARIANTS = {
     "relp_no_half": dataclasses.replace(LRPRules.relp(), half=False),
     "relp_detach_pattern": LRPRules.cp(),
     "relp_attnlrp_uniform": LRPRules.attnlrp(),
+    # combinations, looking for a rule set that tracks the residual stream (issue's research goal)
+    "relp_ln_only": LRPRules(ln=True, identity=False, half=False),
+    "relp_no_half_detach_pattern": dataclasses.replace(LRPRules.cp(), half=False),
 }
 
 
@@ -69,15 +79,12 @@ def add_arguments(parser) -> None:
 
 
 def _pairs(model, config: StudyConfig, n_pairs: int, corruption: str, pairs_file, skip_invalid):
-    """Same-length clean/corrupt batches: the largest group of equal token length."""
+    """The prompt pairs: generated, or the first `n_pairs` valid rows of a file. Prompts of
+    different lengths share one right-padded batch; the metric reads each at its `end_pos`."""
     if pairs_file is not None:
         pairs = load_pairs(pairs_file, model, skip_invalid=skip_invalid)
-    else:
-        pairs = generate_ioi(model, 4 * n_pairs, seed=config.seed, corruption=corruption)
-    groups = pairs.by_length()
-    length, group = max(groups.items(), key=lambda kv: len(kv[1]))
-    group = group.select(slice(0, n_pairs))
-    return group, length, len(pairs), getattr(pairs, "skipped", [])
+        return pairs.select(slice(0, n_pairs)), getattr(pairs, "skipped", [])
+    return generate_ioi(model, n_pairs, seed=config.seed, corruption=corruption), []
 
 
 def run(config: StudyConfig, n_pairs: int = 50, corruption: str = "abc", pairs: Path | None = None,
@@ -89,19 +96,22 @@ def run(config: StudyConfig, n_pairs: int = 50, corruption: str = "abc", pairs: 
     model = models.load(config.model, device=config.device, dtype=config.dtype)
     timings["load"] = time.perf_counter() - t0
 
-    group, length, n_available, skipped = _pairs(model, config, n_pairs, corruption, pairs, skip_invalid)
+    group, skipped = _pairs(model, config, n_pairs, corruption, pairs, skip_invalid)
     clean, corrupt = group.clean_tokens, group.corrupt_tokens
-    metric = LogitDiff(group.answer_ids, group.wrong_ids).normalised(model, clean, corrupt)
+    metric = group.metric(model)
     settings = {"model": config.model, "dtype": str(config.dtype), "seed": config.seed,
                 "n_pairs": len(group), "corruption": corruption, "pairs_file": str(pairs) if pairs else None,
-                "ig_steps": ig_steps, "families": list(FAMILIES), "length": length}
+                "ig_steps": ig_steps, "families": list(FAMILIES)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     score_dir = out / "scores" / key
     score_dir.mkdir(parents=True, exist_ok=True)
 
     methods = {
-        "exact": lambda: exact_patching(model, clean, corrupt, metric, FAMILIES, memory_gb=memory_gb),
+        "exact": lambda: exact_patching(model, clean, corrupt, metric, FAMILIES, memory_gb=memory_gb,
+                                        checkpoint=score_dir / "exact_partial"),
         "atp": lambda: attribution_patching(model, clean, corrupt, metric, FAMILIES),
+        "atp_star": lambda: atp_star(model, clean, corrupt, metric, FAMILIES),
+        "atp_star_graddrop": lambda: atp_star(model, clean, corrupt, metric, FAMILIES, grad_drop=True),
         "ig": lambda: integrated_gradients(model, clean, corrupt, metric, FAMILIES, steps=ig_steps),
         **{name: (lambda r=rules, name=name: relp(model, clean, corrupt, metric, FAMILIES, rules=r,
                                                   method=name))
@@ -131,7 +141,7 @@ def run(config: StudyConfig, n_pairs: int = 50, corruption: str = "abc", pairs: 
         "study": "relp-ioi",
         "config": config,
         "settings": settings,
-        "pairs": {"n_used": len(group), "n_generated_or_read": n_available, "token_length": length,
+        "pairs": {"n_used": len(group), "token_lengths": sorted(set(group.lengths.tolist())),
                   "skipped_rows": skipped, "examples": group.clean_texts[:3]},
         "logit_diff": {"clean": metric.clean, "corrupt": metric.corrupt},
         "agreement": table,
@@ -165,7 +175,7 @@ def _figures(scores: dict, methods: dict, out: Path, model: str) -> list[Path]:
     written = []
     for fam in FAMILIES:
         exact = scores["exact"][fam]
-        series = {m: scores[m][fam].flat().tolist() for m in ("atp", "ig", "relp")}
+        series = {m: scores[m][fam].flat().tolist() for m in ("atp", "atp_star", "ig", "relp")}
         written += plots.save_figure(
             plots.scatter_vs(exact.flat().tolist(), series, f"{fam}: method vs exact patching ({model})",
                              "exact patching effect", "estimated effect"), out / f"scatter_{fam}")

@@ -32,17 +32,6 @@ from interp.attribution.metrics import LogitDiff
 from interp.attribution.patching import Direction, check_pairs, targets
 from interp.attribution.sites import Scores, default_labels, families
 
-# How each family's `(delta * grad)` of shape `act_axes` reduces to `[batch-summed] site axes`.
-_REDUCE = {
-    "resid": "b p d -> p",
-    "attn": "b p d -> p",
-    "mlp": "b p d -> p",
-    "heads": "b p h d -> h",
-    "heads_by_pos": "b p h d -> p h",
-    "neurons": "b p n -> n",
-}
-
-
 def attribution_patching(
     model: HookedTransformer,
     clean_tokens: Int[Tensor, "batch pos"],
@@ -81,7 +70,7 @@ def prepare(
     target, source = targets(clean_tokens, corrupt_tokens, direction)
     device = model.cfg.device
     fams = families(site_families)
-    names = sorted({f.hook_name(layer) for f in fams for layer in range(model.cfg.n_layers)})
+    names = sorted({f.hook_name(layer) for f in fams for layer in f.layer_list(model)})
     return target.to(device), source.to(device), fams, names
 
 
@@ -129,12 +118,13 @@ def scores_from_grads(
     results = {}
     for fam in fams:
         per_layer = []
-        for layer in range(model.cfg.n_layers):
+        for layer in fam.layer_list(model):
             name = fam.hook_name(layer)
             contrib = (deltas[name] * grads[name]).float()
-            per_layer.append(einops.reduce(contrib, _REDUCE[fam.name], "sum"))
+            per_layer.append(einops.reduce(contrib, fam.reduce_pattern, "sum"))
+        values = torch.stack(per_layer).cpu()
         results[fam.name] = Scores(
-            family=fam.name, method=method, values=torch.stack(per_layer).cpu(),
-            dims=fam.dims, labels=default_labels(model, fam, target), baseline=baseline,
+            family=fam.name, method=method, values=values, dims=fam.dims,
+            labels=default_labels(model, fam, target, values.shape[1:]), baseline=baseline,
         )
     return results

@@ -48,7 +48,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from interp.attribution.atp import _REDUCE, prepare
+from interp.attribution.atp import prepare
 from interp.attribution.metrics import LogitDiff
 from interp.attribution.patching import Direction
 from interp.attribution.sites import Scores, default_labels
@@ -130,8 +130,8 @@ def atp_star(
         values = per_setting[0]
     return {
         fam.name: Scores(family=fam.name, method=method, values=values[fam.name].cpu(),
-                         dims=fam.dims, labels=default_labels(model, fam, target),
-                         baseline=value.item())
+                         dims=fam.dims, labels=default_labels(model, fam, target, values[fam.name].shape[1:]),
+                         baseline=value.item(), signed=not grad_drop)
         for fam in fams
     }
 
@@ -179,7 +179,7 @@ def _estimates(
     out = {}
     for fam in fams:
         per_layer = []
-        for layer in range(model.cfg.n_layers):
+        for layer in fam.layer_list(model):
             if fam.name in HEAD_FAMILIES:
                 names = {k: v.format(L=layer) for k, v in attn_names.items()}
                 parts = qk_fixed_head_effects(
@@ -193,7 +193,7 @@ def _estimates(
             else:
                 name = fam.hook_name(layer)
                 contrib = (source[name] - target[name].detach()) * grads[name]
-                per_layer.append(einops.reduce(contrib.float(), _REDUCE[fam.name], "sum"))
+                per_layer.append(einops.reduce(contrib.float(), fam.reduce_pattern, "sum"))
         out[fam.name] = torch.stack(per_layer)
     return out
 

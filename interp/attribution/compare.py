@@ -68,11 +68,14 @@ def top_k_overlap(x: Float[Tensor, " n"], y: Float[Tensor, " n"], k: int) -> flo
 
 
 def agreement(method: Scores, exact: Scores, k: int = 10) -> Agreement:
-    """Agreement of `method` with `exact` on the same family and sites."""
+    """Agreement of `method` with `exact` on the same family and sites. Scores that are
+    magnitudes (`method.signed` false, e.g. GradDrop) are compared with `|exact|`."""
     if method.family != exact.family or method.values.shape != exact.values.shape:
         raise ValueError(
             f"cannot compare {method.method} on {method.family} {tuple(method.values.shape)} "
             f"with {exact.method} on {exact.family} {tuple(exact.values.shape)}: the sites differ"
         )
     x, y = method.flat(), exact.flat()
+    if not method.signed:
+        y = y.abs()
     return Agreement(pearson(x, y), spearman(x, y), top_k_overlap(x, y, k), min(k, len(x)), len(x))

@@ -27,6 +27,7 @@ prompt's `end_pos`. With causal attention the padding never reaches a prompt's p
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal, Sequence
 
 import einops
@@ -39,7 +40,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from interp.attribution.metrics import LogitDiff, final_columns
-from interp.attribution.sites import Scores, SiteFamily, axis_sizes, default_labels, families
+from interp.attribution.sites import Scores, SiteFamily, default_labels, families
 
 Direction = Literal["denoise", "noise"]
 
@@ -74,12 +75,13 @@ def exact_patching(
     clean_tokens: Int[Tensor, "batch pos"],
     corrupt_tokens: Int[Tensor, "batch pos"],
     metric: LogitDiff,
-    site_families: str | Sequence[str] = ("resid", "attn", "mlp", "heads"),
+    site_families: str | SiteFamily | Sequence[str | SiteFamily] = ("resid", "attn", "mlp", "heads"),
     direction: Direction = "denoise",
     memory_gb: float = 2.0,
     progress: bool = True,
     skip_prefix: bool = True,
     call_cost: float = 64.0,
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Scores]:
     """Patch every site of each family, batched; return `Scores` per family (method `exact`).
 
@@ -88,7 +90,7 @@ def exact_patching(
         clean_tokens, corrupt_tokens: `[batch, pos]`, same shape; right-padded prompts of
             different lengths are fine when `metric.end_pos` marks each prompt's last token.
         metric: reads a few logit columns at each prompt's prediction position (`LogitDiff`).
-        site_families: names from `sites.FAMILIES`.
+        site_families: names from `sites.FAMILIES`, or `SiteFamily` objects (e.g. SAE latents).
         direction: `"denoise"` (clean into corrupt, default) or `"noise"`.
         memory_gb: rough bound on the activations of one chunk of patched runs.
         progress: show a progress bar.
@@ -99,6 +101,10 @@ def exact_patching(
             to decide how positions are grouped into chunks (TransformerLens copies some
             weight matrices on every call, so many tiny chunks are slower than a few larger
             ones; on a 2-core CPU one call costs about as much as 64-100 row-positions).
+        checkpoint: a directory; each family's finished layers are saved there as they are
+            done (`<family>.pt`) and skipped when the same call runs again, so an interrupted
+            run loses at most one layer of work. The caller keeps one directory per setting
+            (model, tokens, metric, direction): nothing here checks that they match.
     """
     check_pairs(clean_tokens, corrupt_tokens, metric)
     target, source = targets(clean_tokens, corrupt_tokens, direction)
@@ -113,21 +119,28 @@ def exact_patching(
         starts, kv = _target_run(model, target)
         final = starts[n_layers][torch.arange(batch, device=device), end]
         baseline_rows = metric.from_columns(final_columns(model, final, columns))
-        _, source_cache = model.run_with_cache(
-            source, names_filter=lambda n: any(n.endswith(f.hook.split("}", 1)[1]) for f in fams)
-        )
+        names = {f.hook_name(layer) for f in fams for layer in f.layer_list(model)}
+        _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
     baseline = baseline_rows.mean().item()
 
-    sizes = axis_sizes(model, n_pos)
     max_sites = _sites_per_chunk(model, n_pos, batch, memory_gb)
-    bar = tqdm(total=sum(math.prod(sizes[a] for a in f.axes) for f in fams) * n_layers,
+    shapes = {f.name: f.site_shape(source_cache[f.hook_name(f.layer_list(model)[0])].shape) for f in fams}
+    bar = tqdm(total=sum(math.prod(shapes[f.name]) * len(f.layer_list(model)) for f in fams),
                desc="exact patching", disable=not progress, unit="site")
     results = {}
     for fam in fams:
-        shape = tuple(sizes[a] for a in fam.axes)
-        values = torch.zeros(n_layers, math.prod(shape))
+        shape, layers = shapes[fam.name], fam.layer_list(model)
+        values = torch.zeros(len(layers), math.prod(shape))
+        done: list[int] = []
+        saved = Path(checkpoint) / f"{fam.name}.pt" if checkpoint is not None else None
+        if saved is not None and saved.exists():
+            state = torch.load(saved)
+            values, done = state["values"], state["done_layers"]
+            bar.update(len(done) * values.shape[1])
         chunks = _chunks(fam, shape, batch, max_sites, skip_prefix, call_cost)
-        for layer in range(n_layers):
+        for row, layer in enumerate(layers):
+            if layer in done:
+                continue
             src = source_cache[fam.hook_name(layer)]
             for sites, p0 in chunks:
                 n = len(sites)
@@ -142,11 +155,16 @@ def exact_patching(
                 with torch.no_grad(), model.hooks(fwd_hooks=[(fam.hook_name(layer), patch_hook)]):
                     out = _run_blocks(model, layer, resid, kv, p0, n)
                 patched = _patched_metric(model, metric, out, end, p0, columns, baseline_rows, n)
-                values[layer, sites] = (patched - baseline_rows).mean(1).float().cpu()
+                values[row, sites] = (patched - baseline_rows).mean(1).float().cpu()
                 bar.update(n)
+            if saved is not None:
+                done.append(layer)
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"values": values, "done_layers": done}, saved.with_suffix(".tmp"))
+                saved.with_suffix(".tmp").replace(saved)
         results[fam.name] = Scores(
-            family=fam.name, method="exact", values=values.view(n_layers, *shape),
-            dims=fam.dims, labels=default_labels(model, fam, target), baseline=baseline,
+            family=fam.name, method="exact", values=values.view(len(layers), *shape),
+            dims=fam.dims, labels=default_labels(model, fam, target, shape), baseline=baseline,
         )
     bar.close()
     return results

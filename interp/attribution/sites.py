@@ -44,9 +44,29 @@ class SiteFamily:
     hook: str
     axes: tuple[str, ...]
     act_axes: tuple[str, ...]
+    layers: tuple[int, ...] | None = None
+    """The layers that have this hook (None: every layer). A layer is the index of the block
+    that contains the hook point: patched runs start from the residual stream entering it."""
 
     def hook_name(self, layer: int) -> str:
         return self.hook.format(L=layer)
+
+    def layer_list(self, model: HookedTransformer) -> list[int]:
+        return list(range(model.cfg.n_layers)) if self.layers is None else list(self.layers)
+
+    def site_shape(self, act_shape: Sequence[int]) -> tuple[int, ...]:
+        """Sizes of the site axes, read from the activation's shape (batch first)."""
+        if len(act_shape) != len(self.act_axes):
+            raise ValueError(
+                f"site family {self.name!r} expects activations with axes {self.act_axes} at "
+                f"{self.hook!r}, got shape {tuple(act_shape)}"
+            )
+        return tuple(act_shape[self.act_axes.index(a)] for a in self.axes)
+
+    @property
+    def reduce_pattern(self) -> str:
+        """einops pattern from an activation-shaped tensor to the site axes (summing the rest)."""
+        return f"{' '.join(self.act_axes)} -> {' '.join(self.axes)}"
 
     @property
     def dims(self) -> tuple[str, ...]:
@@ -67,21 +87,19 @@ FAMILIES: dict[str, SiteFamily] = {
 }
 
 
-def family(name: str) -> SiteFamily:
-    """The `SiteFamily` called `name`; a ValueError listing the known ones otherwise."""
+def family(name: str | SiteFamily) -> SiteFamily:
+    """The `SiteFamily` called `name` (a `SiteFamily` is returned as it is, so custom families,
+    e.g. SAE latents, go wherever names do); a ValueError listing the known ones otherwise."""
+    if isinstance(name, SiteFamily):
+        return name
     try:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"Unknown site family {name!r}; known: {', '.join(FAMILIES)}") from None
 
 
-def families(names: str | Sequence[str]) -> list[SiteFamily]:
-    return [family(n) for n in ([names] if isinstance(names, str) else names)]
-
-
-def axis_sizes(model: HookedTransformer, n_pos: int) -> dict[str, int]:
-    return {"layer": model.cfg.n_layers, "pos": n_pos, "head": model.cfg.n_heads,
-            "neuron": model.cfg.d_mlp}
+def families(names: str | SiteFamily | Sequence[str | SiteFamily]) -> list[SiteFamily]:
+    return [family(n) for n in ([names] if isinstance(names, (str, SiteFamily)) else names)]
 
 
 @dataclass
@@ -96,6 +114,7 @@ class Scores:
         dims: axis names of `values`, `("layer", "pos")` etc.
         labels: a label per index of each axis (token strings for `pos` where known).
         baseline: the metric of the unpatched target run (mean over prompts).
+        signed: False when the values are magnitudes of effects (GradDrop), not effects.
     """
 
     family: str
@@ -104,29 +123,36 @@ class Scores:
     dims: tuple[str, ...]
     labels: dict[str, list[str]] = field(default_factory=dict)
     baseline: float = 0.0
+    signed: bool = True
 
     def flat(self) -> Float[Tensor, " sites"]:
         """Values flattened over sites, in the same order for every method of the family."""
         return self.values.detach().flatten().float().cpu()
 
     def site_labels(self) -> list[str]:
-        """A label per flattened site, e.g. `L3 pos5` or `L3 H2`."""
-        names = {"layer": "L", "pos": "pos", "head": "H", "neuron": "N"}
+        """A label per flattened site, e.g. `L3 pos5` or `L3 H2` (layers by their number)."""
+        names = {"layer": "L", "pos": "pos", "head": "H", "neuron": "N", "latent": "F"}
+        layers = self.labels.get("layer", [str(i) for i in range(self.values.shape[0])])
         grids = torch.cartesian_prod(*[torch.arange(s) for s in self.values.shape])
         grids = grids.reshape(-1, len(self.dims))
-        return [" ".join(f"{names[d]}{int(i)}" for d, i in zip(self.dims, row)) for row in grids]
+        return [" ".join(f"{names.get(d, d)}{layers[int(i)] if d == 'layer' else int(i)}"
+                         for d, i in zip(self.dims, row)) for row in grids]
 
 
-def default_labels(model: HookedTransformer, fam: SiteFamily, tokens: Tensor) -> dict[str, list[str]]:
-    """Axis labels: layer numbers, head numbers, and positions named by the first prompt's tokens."""
-    labels = {"layer": [str(i) for i in range(model.cfg.n_layers)]}
-    if "pos" in fam.axes:
-        if model.tokenizer is not None:
+def default_labels(
+    model: HookedTransformer, fam: SiteFamily, tokens: Tensor, shape: Sequence[int] = ()
+) -> dict[str, list[str]]:
+    """Axis labels: layer numbers, positions named by the first prompt's tokens, and index
+    numbers for the other axes (`shape`: the site axes' sizes, from `SiteFamily.site_shape`)."""
+    labels = {"layer": [str(i) for i in fam.layer_list(model)]}
+    sizes = dict(zip(fam.axes, shape))
+    sizes.setdefault("head", model.cfg.n_heads)
+    sizes.setdefault("neuron", model.cfg.d_mlp)
+    for axis in fam.axes:
+        if axis == "pos" and model.tokenizer is not None:
             labels["pos"] = [f"{i}:{model.tokenizer.decode([int(t)])}" for i, t in enumerate(tokens[0])]
-        else:
+        elif axis == "pos":
             labels["pos"] = [str(i) for i in range(tokens.shape[1])]
-    if "head" in fam.axes:
-        labels["head"] = [str(i) for i in range(model.cfg.n_heads)]
-    if "neuron" in fam.axes:
-        labels["neuron"] = [str(i) for i in range(model.cfg.d_mlp)]
+        elif axis in sizes:
+            labels[axis] = [str(i) for i in range(sizes[axis])]
     return labels

@@ -58,3 +58,29 @@ def test_atp_leaves_parameters_and_hooks_as_they_were(random_pairs):
     attribution_patching(model, clean, corrupt, metric, ["resid"])
     assert not any(p.requires_grad for p in model.parameters())
     assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+def test_custom_site_family_on_some_layers(linear_model, random_pairs):
+    """A `SiteFamily` given as an object (here the values `v` by position, at layers 0 and 2
+    only) goes through every method: exact and AtP agree on the linear model, with one row per
+    listed layer and site axes sized from the activation."""
+    from interp.attribution.atp_star import atp_star
+    from interp.attribution.sites import SiteFamily
+
+    model = linear_model
+    clean, corrupt, metric = random_pairs(model)
+    values = SiteFamily("v_by_pos", "blocks.{L}.attn.hook_v", ("pos",),
+                        ("batch", "pos", "head", "d_head"), layers=(0, 2))
+    exact = exact_patching(model, clean, corrupt, metric, [values], progress=False)["v_by_pos"]
+    atp = attribution_patching(model, clean, corrupt, metric, [values])["v_by_pos"]
+    star = atp_star(model, clean, corrupt, metric, [values])["v_by_pos"]
+    assert exact.values.shape == (2, clean.shape[1]) and exact.labels["layer"] == ["0", "2"]
+    assert exact.site_labels()[-1] == f"L2 pos{clean.shape[1] - 1}"
+    assert exact.values.abs().max() > 1e-2
+    torch.testing.assert_close(atp.values, exact.values, atol=1e-4, rtol=0)
+    torch.testing.assert_close(star.values, atp.values)
+    # the same sites as part of a family over all layers
+    full = exact_patching(model, clean, corrupt, metric,
+                          [SiteFamily("v_all", "blocks.{L}.attn.hook_v", ("pos",),
+                                      ("batch", "pos", "head", "d_head"))], progress=False)["v_all"]
+    torch.testing.assert_close(full.values[[0, 2]], exact.values)

@@ -161,3 +161,22 @@ def test_bad_shapes_are_named():
         exact_patching(model, clean, corrupt, metric, ["heds"], progress=False)
     with pytest.raises(ValueError, match="direction must be"):
         exact_patching(model, clean, corrupt, metric, direction="sideways", progress=False)
+
+
+def test_checkpoint_resumes_finished_layers(tmp_path):
+    model = models.load("tiny-llama")
+    clean, corrupt, metric = _tiny_pairs(model)
+    full = exact_patching(model, clean, corrupt, metric, ["resid"], progress=False,
+                          checkpoint=tmp_path / "a")
+    saved = torch.load(tmp_path / "a" / "resid.pt")
+    assert saved["done_layers"] == list(range(model.cfg.n_layers))
+    # An interrupted run that finished layer 0 only (marked by a sentinel): the rerun keeps
+    # layer 0 as saved and computes the rest.
+    partial = torch.zeros_like(saved["values"])
+    partial[0] = 123.0
+    (tmp_path / "b").mkdir()
+    torch.save({"values": partial, "done_layers": [0]}, tmp_path / "b" / "resid.pt")
+    resumed = exact_patching(model, clean, corrupt, metric, ["resid"], progress=False,
+                             checkpoint=tmp_path / "b")
+    assert (resumed["resid"].values[0] == 123.0).all()
+    torch.testing.assert_close(resumed["resid"].values[1:], full["resid"].values[1:])
