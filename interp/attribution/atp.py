@@ -97,7 +97,7 @@ def activation_grads(
     with torch.enable_grad(), model.hooks(fwd_hooks=[*fwd_hooks, *[(n, keep) for n in names]]):
         embed.requires_grad_(True)  # the graph must exist even if the caller froze parameters
         try:
-            value = metric(model(tokens)).mean()
+            value = metric.on_model(model, tokens).mean()
             grads = torch.autograd.grad(value, [captured[n] for n in names], allow_unused=True)
         finally:
             embed.requires_grad_(was)

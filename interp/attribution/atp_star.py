@@ -25,7 +25,13 @@ its output, so its AtP* score is its AtP score; the paper's fix is for attention
 Note the difference from AtP on the head output `z`: AtP there multiplies the *exact* change of
 z (which already contains the exact softmax) by the gradient at z, i.e. it treats the query,
 key and value changes jointly; AtP* sums their separate contributions, as the paper's per-node
-estimates do. The two agree to first order; they differ by the interaction of the parts.
+estimates do. `z' - z = (A' - A) v + A (v' - v) + (A' - A)(v' - v)`: the parts miss the last,
+interaction term. Measured on IOI (SmolLM2, 50 ABC pairs) that term dominates for the important
+heads, whose pattern and values both change when the names change: AtP*'s head scores reach
+Pearson 0.45 with exact patching of z against AtP's 0.995, while each part alone matches the
+exact effect of patching only that head's queries (checked head by head: -0.008 vs -0.007,
+-0.072 vs -0.075, 0.032 vs 0.026). Use AtP* to score query and key nodes; to score whole heads,
+AtP on z is the better estimate here.
 
 **GradDrop (cancellation).** A component can matter through several paths whose gradients
 cancel. For each layer l, GradDrop recomputes the estimates with the gradient that flows back
@@ -107,7 +113,7 @@ def atp_star(
     with torch.enable_grad(), model.hooks(fwd_hooks=[*[(n, keep) for n in keep_names], *gates]):
         embed.requires_grad_(True)  # the graph must exist even if the caller froze parameters
         try:
-            value = metric(model(target)).mean()
+            value = metric.on_model(model, target).mean()
             grad_inputs = sorted({*names, *[attn_names[k].format(L=layer) for layer in layers
                                             for k in ("pattern", "z")]} if heads_needed else names)
             settings = [None] if not grad_drop else list(layers)

@@ -52,7 +52,7 @@ def integrated_gradients(
     with torch.no_grad():
         _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in {*names, *embeds})
         _, target_cache = model.run_with_cache(target, names_filter=lambda n: n in {*names, *embeds})
-        baseline = metric(model(target)).mean().item()
+        baseline = metric.on_model(model, target).mean().item()
 
     mean_grads = {n: torch.zeros_like(target_cache[n]) for n in names}
     for k in range(steps):

@@ -103,6 +103,15 @@ class LogitDiff:
         prediction position, computing only the two needed logits (`final_columns`)."""
         return self.from_columns(final_columns(model, resid, self.columns))
 
+    def on_model(self, model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, " batch"]:
+        """The metric of `model` run on `tokens` (differentiable), computing only the logits it
+        reads: the forward pass stops at the final residual stream, then `ln_final` and the
+        needed unembedding columns at each prediction position. The same numbers as
+        `self(model(tokens))` without the `[batch, pos, d_vocab]` logits (1 GB for a batch of
+        50 prompts on Gemma's 262k vocabulary)."""
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+        return self.from_final_resid(model, self.at_end(resid))
+
     def select(self, rows: slice | Sequence[int] | Tensor) -> "LogitDiff":
         """The metric for a subset of the prompts, on the whole batch's normalisation scale."""
         index = torch.arange(len(self))[rows] if isinstance(rows, slice) else torch.as_tensor(rows)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from interp import cli, models
 
 
@@ -26,3 +28,17 @@ def test_relp_ioi_writes_the_agreement_table_and_figures(tmp_path, capsys):
     # a second run with the same settings resumes from the saved scores
     assert cli.main(["run", "relp-ioi", "--n-pairs", "1", "--ig-steps", "2", "--out", str(tmp_path)]) == 0
     assert "exact: loaded from" in capsys.readouterr().out
+
+
+@pytest.mark.online
+def test_paper_setting_gpt2_prints_the_papers_numbers(tmp_path, capsys):
+    """The paper's own model, one command, where the Hub can be reached."""
+    try:
+        models.check_hub("gpt2")
+    except models.HubUnreachableError as exc:
+        pytest.skip(str(exc))
+    assert cli.main(["run", "relp-ioi", "--model", "gpt2", "--n-pairs", "2", "--ig-steps", "2",
+                     "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "relp-ioi" / "gpt2" / "results.json").read_text())
+    assert results["paper_pearson"]["values"]["mlp"] == {"atp": 0.195, "relp": 0.992}
+    assert "[0.992]" in capsys.readouterr().out
