@@ -182,7 +182,7 @@ def _figures(scores: dict, methods: dict, out: Path, model: str) -> list[Path]:
     for m in ("exact", "relp"):
         s = scores[m]["resid"]
         written += plots.save_figure(
-            plots.heatmap(s.values, s.labels.get("pos", []), s.labels["layer"],
+            plots.heatmap(s.values.detach(), s.labels.get("pos", []), s.labels["layer"],
                           f"{m}: residual stream, layer x position ({model})", "position", "layer"),
             out / f"heatmap_resid_{m}")
     return written

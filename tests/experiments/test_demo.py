@@ -1,4 +1,4 @@
-"""End to end: the README's main job (`interp run demo`) on the default model."""
+"""End to end: `interp run demo` (a quick smoke test of a study) on the default model."""
 
 from __future__ import annotations
 
