@@ -251,7 +251,9 @@ def load(
     if name in EMBEDDED_MODELS:
         m = EMBEDDED_MODELS[name]
         entry = _ensure_converted(_embedded_key(m), m.gguf_path, m.prepend_bos)
-        return _load_converted(entry, processing=processing, device=device, dtype=dtype)
+        model = _load_converted(entry, processing=processing, device=device, dtype=dtype)
+        model.cfg.model_name = name  # not the GGUF's directory, which differs between installs
+        return model
     if name in TINY_MODELS:
         cfg, state = _tiny(name, seed)
         return _build(cfg, state, None, processing=processing, device=device, dtype=dtype)

