@@ -154,7 +154,7 @@ def exact_patching(
                 resid = einops.repeat(starts[layer][:, p0:], "b p d -> (s b) p d", s=n)
                 with torch.no_grad(), model.hooks(fwd_hooks=[(fam.hook_name(layer), patch_hook)]):
                     out = _run_blocks(model, layer, resid, kv, p0, n)
-                patched = _patched_metric(model, metric, out, end, p0, columns, baseline_rows, n)
+                    patched = _patched_metric(model, metric, out, end, p0, columns, baseline_rows, n)
                 values[row, sites] = (patched - baseline_rows).mean(1).float().cpu()
                 bar.update(n)
             if saved is not None:

@@ -24,13 +24,38 @@ def test_completeness_at_layer_0(name, random_pairs):
     assert abs(atp["resid"].values[0].sum().item() - 1.0) > abs(total - 1.0)
 
 
-def test_ig_equals_atp_and_exact_patching_on_a_linear_model(linear_model, random_pairs):
-    """Where the logits are affine in the embeddings every alpha gives the same gradient."""
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out",
+                                  "blocks.1.attn.hook_z"])
+def test_activation_path_completeness_per_hook_point(name, hook, random_pairs):
+    """With `path="activations"` the scores of one hook point sum to the effect of patching the
+    whole hook point (all positions) from clean into corrupt, measured directly."""
+    from interp.attribution.sites import SiteFamily
+
+    model = models.load(name)
+    clean, corrupt, metric = random_pairs(model)
+    layer = int(hook.split(".")[1])
+    template = hook.replace(f"blocks.{layer}.", "blocks.{L}.")
+    axes = ("batch", "pos", "head", "d_head") if hook.endswith("hook_z") else ("batch", "pos", "d")
+    fam = SiteFamily("x", template, ("pos",), axes, layers=(layer,))
+    ig = integrated_gradients(model, clean, corrupt, metric, [fam], steps=48, path="activations")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=hook)
+        patched = model.run_with_hooks(corrupt, fwd_hooks=[(hook, lambda a, hook: cache[hook.name])])
+        effect = (metric(patched).mean() - metric(model(corrupt)).mean()).item()
+    total = ig["x"].values.sum().item()
+    assert abs(effect) > 0.05  # a real effect, not a trivially zero one
+    assert total == pytest.approx(effect, abs=0.02 * max(1.0, abs(effect)))
+
+
+@pytest.mark.parametrize("path", ["inputs", "activations"])
+def test_ig_equals_atp_and_exact_patching_on_a_linear_model(linear_model, random_pairs, path):
+    """Where the logits are affine in the activations every alpha gives the same gradient."""
     from interp.attribution.patching import exact_patching
 
     clean, corrupt, metric = random_pairs(linear_model)
     fams = ["resid", "attn", "heads"]
-    ig = integrated_gradients(linear_model, clean, corrupt, metric, fams, steps=3)
+    ig = integrated_gradients(linear_model, clean, corrupt, metric, fams, steps=3, path=path)
     atp = attribution_patching(linear_model, clean, corrupt, metric, fams)
     exact = exact_patching(linear_model, clean, corrupt, metric, fams, progress=False)
     for fam in fams:
@@ -43,3 +68,5 @@ def test_bad_steps(random_pairs):
     clean, corrupt, metric = random_pairs(model)
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         integrated_gradients(model, clean, corrupt, metric, steps=0)
+    with pytest.raises(ValueError, match="path must be 'inputs' or 'activations'"):
+        integrated_gradients(model, clean, corrupt, metric, path="weights")
