@@ -113,6 +113,9 @@ def run(config: StudyConfig, n_pairs: int = 50, corruption: str = "abc", pairs: 
         "atp_star": lambda: atp_star(model, clean, corrupt, metric, FAMILIES),
         "atp_star_graddrop": lambda: atp_star(model, clean, corrupt, metric, FAMILIES, grad_drop=True),
         "ig": lambda: integrated_gradients(model, clean, corrupt, metric, FAMILIES, steps=ig_steps),
+        "ig_activations": lambda: integrated_gradients(model, clean, corrupt, metric, FAMILIES,
+                                                       steps=ig_steps, path="activations",
+                                                       method="ig_activations"),
         **{name: (lambda r=rules, name=name: relp(model, clean, corrupt, metric, FAMILIES, rules=r,
                                                   method=name))
            for name, rules in RULE_VARIANTS.items()},

@@ -506,17 +506,33 @@ def generate_ioi(
                 "the neighbouring text); reword the template"
             )
 
+    return pairs_from_rows(model, rows, table, _NAME_SLOTS, corruption)
+
+
+def pairs_from_rows(
+    model: HookedTransformer,
+    rows: Sequence[tuple[int, int, int, _Filled, _Filled]],
+    table: Sequence[str],
+    slots: Sequence[str],
+    corruption: str,
+) -> PromptPairs:
+    """`PromptPairs` from generated rows `(template index, answer id, wrong id, clean, corrupt)`
+    whose clean and corrupt prompts have the same length; `positions` holds each slot's
+    position in the clean prompt (-1 where its template lacks the slot) and `end`."""
+    for *_, clean, corrupt in rows:  # the invariant every patching method relies on
+        assert len(clean.ids) == len(corrupt.ids), (clean.text, corrupt.text)
     end = torch.tensor([len(clean.ids) - 1 for *_, clean, _ in rows])
     positions = {
-        slot: torch.tensor([clean.positions[slot] for *_, clean, _ in rows]) for slot in _NAME_SLOTS
+        slot: torch.tensor([clean.positions.get(slot, -1) for *_, clean, _ in rows])
+        for slot in slots
     }
     positions["end"] = end
     pad = _pad_id(model)
     return PromptPairs(
         clean_tokens=_stack([clean.ids for *_, clean, _ in rows], pad),
         corrupt_tokens=_stack([corrupt.ids for *_, corrupt in rows], pad),
-        answer_ids=torch.tensor([io for _, io, *_ in rows]),
-        wrong_ids=torch.tensor([s for _, _, s, *_ in rows]),
+        answer_ids=torch.tensor([a for _, a, *_ in rows]),
+        wrong_ids=torch.tensor([w for _, _, w, *_ in rows]),
         end_pos=end.clone(),
         clean_texts=[clean.text for *_, clean, _ in rows],
         corrupt_texts=[corrupt.text for *_, corrupt in rows],

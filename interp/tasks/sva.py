@@ -87,15 +87,7 @@ from typing import Literal, NamedTuple
 import torch
 from transformer_lens import HookedTransformer
 
-from interp.tasks.ioi import (
-    PromptPairs,
-    _fill,
-    _Filled,
-    _need_tokenizer,
-    _pad_id,
-    _slots,
-    _stack,
-)
+from interp.tasks.ioi import PromptPairs, _fill, _Filled, _need_tokenizer, _slots, pairs_from_rows
 from interp.tokens import single_token
 
 __all__ = [
@@ -313,29 +305,7 @@ def generate_sva(
                 "the neighbouring text); reword the template"
             )
 
-    for *_, clean, corrupt in rows:  # the invariant every patching method relies on
-        assert len(clean.ids) == len(corrupt.ids), (clean.text, corrupt.text)
-    end = torch.tensor([len(clean.ids) - 1 for *_, clean, _ in rows])
-    positions = {
-        slot: torch.tensor([clean.positions.get(slot, -1) for *_, clean, _ in rows])
-        for slot in ("subj", "attr")
-    }
-    positions["end"] = end
-    pad = _pad_id(model)
-    return PromptPairs(
-        clean_tokens=_stack([clean.ids for *_, clean, _ in rows], pad),
-        corrupt_tokens=_stack([corrupt.ids for *_, corrupt in rows], pad),
-        answer_ids=torch.tensor([a for _, a, *_ in rows]),
-        wrong_ids=torch.tensor([w for _, _, w, *_ in rows]),
-        end_pos=end.clone(),
-        clean_texts=[clean.text for *_, clean, _ in rows],
-        corrupt_texts=[corrupt.text for *_, corrupt in rows],
-        template=torch.tensor([t for t, *_ in rows]),
-        templates=tuple(table),
-        positions=positions,
-        corruption="subject_number",
-        pad_token_id=pad,
-    )
+    return pairs_from_rows(model, rows, table, ("subj", "attr"), "subject_number")
 
 
 def sva_numbers(

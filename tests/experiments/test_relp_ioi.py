@@ -14,7 +14,7 @@ def test_relp_ioi_writes_the_agreement_table_and_figures(tmp_path, capsys):
     out_dir = tmp_path / "relp-ioi" / models.DEFAULT_MODEL
     results = json.loads((out_dir / "results.json").read_text())
     for family in ("resid", "attn", "mlp", "heads"):
-        for method in ("atp", "atp_star", "atp_star_graddrop", "ig", "relp", "relp_no_ln",
+        for method in ("atp", "atp_star", "atp_star_graddrop", "ig", "ig_activations", "relp", "relp_no_ln",
                        "relp_no_identity", "relp_no_half", "relp_ln_only"):
             entry = results["agreement"][family][method]
             assert -1 <= entry["pearson"] <= 1 and -1 <= entry["spearman"] <= 1
