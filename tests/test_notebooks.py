@@ -12,7 +12,7 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_notebooks():
-    assert {"quickstart.ipynb", "concepts.ipynb"} <= {nb.name for nb in NOTEBOOKS}
+    assert {"quickstart.ipynb", "concepts.ipynb", "saes.ipynb", "relp_walkthrough.ipynb"} <= {nb.name for nb in NOTEBOOKS}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
