@@ -13,6 +13,14 @@ relative depth is k / n_layers (see `interp.concepts.probes.decodable_depth`). A
 best depth beats chance by less than two binomial standard errors (0.071 at 200 examples, and at
 least 0.05) counts as not decodable.
 
+That strict depth is the headline number, but on a plateau near the threshold it can jump many
+layers on less than one example (SmolLM2 cities: 0.760 at depth 12 against a threshold of 0.761
+gives depth 21). So each depth comes with its range (`interp.concepts.probes.depth_range`): from
+the first depth whose accuracy is within one standard error of the threshold to the first one
+more than one standard error above it (or the best depth), the standard error being
+`accuracy_std / sqrt(folds - 1)` of the cross-validation folds (`--range-z` sets how many). Two
+strict depths whose ranges overlap are not clearly told apart by these data.
+
 Conditions (the paper's two perturbations, plus the unperturbed run):
 - `none`: the texts as they are, weights as loaded (raw converted weights, `processing=False`,
   like the paper's Hugging Face models; float32 unless `--dtype` says otherwise);
@@ -29,12 +37,15 @@ to that.
 
 `--prompt` wraps each text in the data set's instruction (`interp.concepts.datasets.PROMPTS`,
 in the paper's layout); by default the bare texts are probed. Writes `results.json` (per data
-set and condition: accuracy, F1 and AUC per depth, the decodable depth, counts, timings; the
-settings), `curves.{html,png}` (accuracy per depth, one line per data set), `curves_<data
-set>.{html,png}` (one line per condition), `relative_depth.{html,png}` (relative depth per data
-set and condition) and, one level up, `relative_depth_models.{html,png}` comparing every model
-with results there. Prints a table. Each (data set, condition) result is saved when done
-(`runs/`), so an interrupted run resumes where it stopped.
+set and condition: accuracy, F1 and AUC per depth, the decodable depth and its range, counts,
+timings; the settings), `curves.{html,png}` (accuracy per depth, one line per data set),
+`curves_<data set>.{html,png}` (one line per condition), `relative_depth.{html,png}` (relative
+depth per data set and condition, the range as error bars) and, one level up,
+`relative_depth_models.{html,png}` comparing every model with results there. Prints two tables
+(strict depths, ranges). Each (data set, condition) result is saved when done (`runs/`, keyed by
+everything that changes the curves, not by `--fraction`, `--range-z` or the wording of the
+definitions, which only enter the summary), so an interrupted run resumes where it stopped and a
+changed summary setting recomputes nothing.
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ from transformer_lens import HookedTransformer
 from interp import models, plots
 from interp.concepts.collect import collect
 from interp.concepts.datasets import CONCEPT_DEPTH, ConceptDataset, load_dataset, load_table
-from interp.concepts.probes import decodable_depth, layer_probes
+from interp.concepts.probes import decodable_depth, depth_range, layer_probes, standard_errors
 from interp.results import write_results
 from interp.studies import StudyConfig
 
@@ -68,6 +79,9 @@ DEFAULT_CONDITIONS = ("none", "noise", "int8")
 #: [d_model, d_mlp], W_out [d_mlp, d_model]).
 INT8_INPUT_AXES = {"W_Q": (1,), "W_K": (1,), "W_V": (1,), "W_O": (0, 1),
                    "W_in": (0,), "W_gate": (0,), "W_out": (0,)}
+#: Settings that only enter the summary (depths are recomputed from the saved curves every run),
+#: so they are left out of the key of the saved per-run results.
+SUMMARY_SETTINGS = ("fraction", "range_z", "depth_definition", "depth_range_definition")
 
 
 def add_arguments(parser) -> None:
@@ -92,6 +106,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--C", dest="C", type=float, default=1.0, help="inverse L2 strength of the probes")
     parser.add_argument("--fraction", type=float, default=0.9,
                         help="decodable: accuracy >= chance + fraction x (best - chance) (default 0.9)")
+    parser.add_argument("--range-z", type=float, default=1.0,
+                        help="depth range: layers within this many standard errors of the "
+                             "threshold (default 1)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--memory-gb", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=None,
@@ -161,8 +178,8 @@ def run(config: StudyConfig, datasets: list[str] | None = None, dataset: Path | 
         label_map: list[str] | None = None, records_key: str | None = None,
         n_examples: int = 200, conditions: list[str] | None = None, prompt: bool = False,
         chat_template: bool = False, cv_folds: int = 5, test_fraction: float = 0.2,
-        C: float = 1.0, fraction: float = 0.9, batch_size: int = 32, memory_gb: float = 2.0,
-        threads: int | None = None) -> dict:
+        C: float = 1.0, fraction: float = 0.9, range_z: float = 1.0, batch_size: int = 32,
+        memory_gb: float = 2.0, threads: int | None = None) -> dict:
     if threads is not None:  # set for this run only
         arguments = dict(locals(), threads=None)
         previous = torch.get_num_threads()
@@ -191,7 +208,12 @@ def run(config: StudyConfig, datasets: list[str] | None = None, dataset: Path | 
                 "depth_definition": "first k with accuracy >= chance + fraction*(best-chance); "
                                     "k = blocks applied (0 = embeddings); relative = k / n_layers; "
                                     "not decodable when best - chance < max(0.05, 2 binomial "
-                                    "standard errors at n examples)"}
+                                    "standard errors at n examples)",
+                "range_z": range_z,
+                "depth_range_definition": "low = first k with accuracy + range_z*se >= threshold; "
+                                          "high = first k with accuracy - range_z*se >= threshold, "
+                                          "or the best k if earlier; se = accuracy_std / "
+                                          "sqrt(folds - 1) (cv) or binomial (hold-out)"}
     run_dir = out / "runs"
     run_dir.mkdir(parents=True, exist_ok=True)
     per_data: dict[str, dict[str, Any]] = {
@@ -222,6 +244,10 @@ def run(config: StudyConfig, datasets: list[str] | None = None, dataset: Path | 
             entry["depth"] = decodable_depth(entry["accuracy"], entry["layers"], n_layers,
                                              fraction=fraction, chance=entry["chance"],
                                              min_gain=entry["min_gain"])._asdict()
+            se = standard_errors(entry["accuracy"], entry["accuracy_std"], entry["split"])
+            entry["depth_range"] = depth_range(entry["accuracy"], se, entry["layers"], n_layers,
+                                               fraction=fraction, chance=entry["chance"],
+                                               min_gain=entry["min_gain"], z=range_z)._asdict()
             per_data[ds.name]["conditions"][condition] = entry
         del model
     _print_table(per_data, conditions, config.model, n_layers)
@@ -254,7 +280,7 @@ def _min_gain(n: int, chance: float) -> float:
 
 
 def _run_key(settings: dict, ds: ConceptDataset, condition: str) -> str:
-    ident = {k: v for k, v in settings.items() if k != "fraction"}
+    ident = {k: v for k, v in settings.items() if k not in SUMMARY_SETTINGS}
     digest = hashlib.sha256("\x00".join(ds.texts).encode() + str(ds.labels).encode()).hexdigest()
     ident.update(condition=condition, data=digest)
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -291,6 +317,12 @@ def _fmt_depth(depth: dict) -> str:
     return f"{depth['layer']:>2} ({depth['relative']:.2f})"
 
 
+def _fmt_range(r: dict) -> str:
+    if r["low"] is None:
+        return "-"
+    return f"{r['low']}-{r['high']} ({r['low_relative']:.2f}-{r['high_relative']:.2f})"
+
+
 def _print_table(per_data: dict, conditions: list[str], model: str, n_layers: int | None) -> None:
     print(f"\nConcept depth on {model} ({n_layers} layers): first depth k reaching the threshold "
           "(relative depth k/n_layers); best accuracy")
@@ -302,6 +334,13 @@ def _print_table(per_data: dict, conditions: list[str], model: str, n_layers: in
             e = entry["conditions"][c]
             cells.append(f"{_fmt_depth(e['depth'])} {e['depth']['best_accuracy']:.2f}".rjust(22))
         print(f"{name:<14}" + "".join(cells))
+    z = next(iter(next(iter(per_data.values()))["conditions"].values()))["depth_range"]["z"]
+    print(f"\nDepth range: from the first depth within {z:g} standard error(s) of the threshold "
+          "to the first one beyond it (or the best depth); relative in brackets")
+    print(header)
+    for name, entry in per_data.items():
+        print(f"{name:<14}" + "".join(_fmt_range(entry["conditions"][c]["depth_range"]).rjust(22)
+                                      for c in conditions))
 
 
 def _figures(per_data: dict, conditions: list[str], out: Path, model: str) -> list[Path]:
@@ -317,10 +356,19 @@ def _figures(per_data: dict, conditions: list[str], out: Path, model: str) -> li
             plots.lines(first["layers"], {c: entry["conditions"][c]["accuracy"] for c in conditions},
                         f"{name}: probe accuracy per depth ({model})", "depth k (blocks applied)",
                         "accuracy"), out / f"curves_{name}")
-    fig = go.Figure([go.Bar(name=c, x=list(per_data),
-                            y=[e["conditions"][c]["depth"]["relative"] for e in per_data.values()])
-                     for c in conditions])
-    fig.update_layout(barmode="group", title=f"Relative concept depth ({model}; missing bar: not decodable)",
+    bars = []
+    for c in conditions:
+        depths = [e["conditions"][c]["depth"] for e in per_data.values()]
+        ranges = [e["conditions"][c]["depth_range"] for e in per_data.values()]
+        y = [d["relative"] for d in depths]
+        bars.append(go.Bar(name=c, x=list(per_data), y=y, error_y=dict(
+            type="data", symmetric=False,
+            array=[None if v is None else r["high_relative"] - v for v, r in zip(y, ranges)],
+            arrayminus=[None if v is None else v - r["low_relative"] for v, r in zip(y, ranges)])))
+    fig = go.Figure(bars)
+    z = first["depth_range"]["z"]
+    fig.update_layout(barmode="group", title=f"Relative concept depth ({model}; whiskers: depth range "
+                                             f"at {z:g} standard error; missing bar: not decodable)",
                       xaxis_title="data set", yaxis_title="relative depth k / n_layers",
                       yaxis_range=[0, 1], template="plotly_white")
     written += plots.save_figure(fig, out / "relative_depth")

@@ -111,6 +111,8 @@ def run(config: StudyConfig, layers: str | None = None, hook: str = "hook_resid_
                                                steps=ig_steps, path="activations"),
             "atp": lambda: attribution_patching(model, clean, corrupt, metric, fams, "noise"),
         }
+        # untimed warm-up (first-call allocations and kernel setup would be charged to RelP)
+        attribution_patching(model, clean[:1], corrupt[:1], metric.select([0]), fams, "noise")
         scores = {}
         for name, compute in methods.items():
             path = score_dir / f"{name}.pt"
@@ -154,6 +156,11 @@ def run(config: StudyConfig, layers: str | None = None, hook: str = "hook_resid_
         "faithfulness": {m: c.to_dict() for m, c in curves.items()},
         "cost_s": {m: timings[m] for m in methods},
         "cost_ratio_ig_over_relp": timings["ig"] / timings["relp"],
+        # wall times swing with other load on a shared CPU; the pass counts do not
+        "cost_passes": {"relp": "2 forward + 1 backward over the pairs",
+                        "atp": "2 forward + 1 backward over the pairs",
+                        "ig": f"2 forward + {len(hooks)} x (1 forward + 1 backward) over "
+                              f"{ig_steps} x the pairs"},
         "ranking_agreement_relp_vs_ig": agreement,
         "top_nodes_relp": top,
         "feature_pages": pages,

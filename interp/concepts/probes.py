@@ -30,9 +30,27 @@ layer is less than `min_gain` above chance, the concept is reported as not decod
 (`layer=None`). Layer numbering is the caller's: the `concept-depth` study keys its features by
 *blocks applied* (0 = the embeddings, `k` = the residual stream after block `k`), so
 `relative = k / n_layers` is the fraction of the network's blocks a concept needs. Caveats: the
-first-crossing rule is sensitive to noise in the curve (a lucky early layer counts); use enough
-test examples (cross-validation helps) and read the curve, not only the number. A linear probe
-finding a direction does not show that the model uses it.
+first-crossing rule is sensitive to noise in the curve (a lucky early layer counts, an unlucky
+one does not); use enough test examples (cross-validation helps) and read the curve, not only
+the number. A linear probe finding a direction does not show that the model uses it.
+
+**How sure the depth is** (`depth_range`). The strict depth can jump many layers on a difference
+of less than one example: on a plateau whose accuracies sit near the threshold, whichever layer
+happens to land just above it wins. `depth_range` keeps the strict depth as defined above and
+adds the layers between which it could plausibly lie, given each layer's standard error `se`
+(`z` standard errors, default one):
+
+    low   = the first layer whose accuracy + z * se >= threshold   (within z se of reaching it)
+    high  = the first layer whose accuracy - z * se >= threshold   (beyond z se above it),
+            or the best layer if that comes first (the threshold is defined by it)
+    low <= depth <= high
+
+A narrow range means the depth is well placed; a wide one, that the curve hovers near the
+threshold for those layers. For cross-validated probes `se` is the standard error of the mean
+fold accuracy, `accuracy_std / sqrt(folds - 1)` (`accuracy_std` is the population spread of the
+fold accuracies; this equals the sample standard deviation over sqrt(folds)); for one hold-out
+split, the binomial `sqrt(acc * (1 - acc) / n_test)` (`ProbeResults.standard_errors`). The
+threshold's own noise (it comes from the best of many noisy layers) is not included.
 
 **Speed.** Probes are small problems (hundreds of rows, ~1,000 features); BLAS threading costs
 more in synchronisation than it gains there (10x more CPU time per lbfgs fit, measured on a
@@ -52,7 +70,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["Depth", "ProbeResults", "decodable_depth", "layer_probes", "probe_split"]
+__all__ = ["Depth", "DepthRange", "ProbeResults", "decodable_depth", "depth_range",
+           "layer_probes", "probe_split", "standard_errors"]
 
 Features = Union[Float[Tensor, "n d"], np.ndarray]
 
@@ -130,6 +149,89 @@ def decodable_depth(
                  fraction=fraction, n_layers=n_layers)
 
 
+class DepthRange(NamedTuple):
+    """The layers between which the decodable depth plausibly lies (see the module docstring).
+
+    Attributes:
+        depth: the strict decodable depth (`decodable_depth(...).layer`); None when not decodable.
+        low: the first layer whose accuracy is within `z` standard errors of the threshold (or
+            above it); None when not decodable.
+        high: the first layer whose accuracy is more than `z` standard errors above the
+            threshold, or the best layer if that comes first; None when not decodable.
+        low_relative, high_relative: `low / n_layers`, `high / n_layers`.
+        threshold: as in `Depth`.
+        z: the number of standard errors.
+        n_layers: the denominator of the relative depths.
+    """
+
+    depth: int | None
+    low: int | None
+    high: int | None
+    low_relative: float | None
+    high_relative: float | None
+    threshold: float
+    z: float
+    n_layers: int
+
+
+def depth_range(
+    accuracies: Sequence[float] | Mapping[int, float],
+    standard_errors: Sequence[float] | Mapping[int, float],
+    layers: Sequence[int] | None = None,
+    n_layers: int | None = None,
+    fraction: float = 0.9,
+    chance: float = 0.5,
+    min_gain: float = 0.05,
+    z: float = 1.0,
+) -> DepthRange:
+    """`decodable_depth` with the range of layers it could plausibly fall on (module docstring).
+
+    Args:
+        accuracies: accuracy per layer, a sequence (with `layers`) or `{layer: accuracy}`.
+        standard_errors: the standard error of each accuracy, in the same form (e.g.
+            `ProbeResults.standard_errors()`), >= 0.
+        layers, n_layers, fraction, chance, min_gain: as in `decodable_depth` (the threshold
+            and the strict depth are the same).
+        z: how many standard errors count as "within reach" of the threshold; 0 gives
+            `low == high == depth`.
+
+    Raises:
+        ValueError: as `decodable_depth`; errors of another length, negative or NaN; `z < 0`.
+    """
+    if isinstance(accuracies, Mapping):
+        if layers is not None or not isinstance(standard_errors, Mapping):
+            raise ValueError("with accuracies as a mapping, pass standard_errors as a mapping "
+                             "with the same layers and no layers=")
+        if set(standard_errors) != set(accuracies):
+            raise ValueError("standard_errors and accuracies have different layers")
+        layers = list(accuracies)
+        standard_errors = [standard_errors[l] for l in layers]
+        accuracies = [accuracies[l] for l in layers]
+    strict = decodable_depth(accuracies, layers, n_layers, fraction=fraction, chance=chance,
+                             min_gain=min_gain)
+    values = [float(v) for v in accuracies]
+    errors = [float(e) for e in standard_errors]
+    layers = list(range(len(values))) if layers is None else [int(l) for l in layers]
+    if len(errors) != len(values):
+        raise ValueError(f"{len(errors)} standard errors but {len(values)} accuracies")
+    if any(math.isnan(e) or e < 0 for e in errors):
+        raise ValueError(f"standard errors must be >= 0, got {errors}")
+    if z < 0:
+        raise ValueError(f"z must be >= 0, got {z}")
+    low = high = None
+    if strict.layer is not None:
+        rows = sorted(zip(layers, values, errors))
+        t = strict.threshold - 1e-12
+        low = next(l for l, v, e in rows if v + z * e >= t)
+        high = next((l for l, v, e in rows if v - z * e >= t), strict.best_layer)
+        high = min(high, strict.best_layer)
+    n = strict.n_layers
+    return DepthRange(depth=strict.layer, low=low, high=high,
+                      low_relative=None if low is None else low / n,
+                      high_relative=None if high is None else high / n,
+                      threshold=strict.threshold, z=z, n_layers=n)
+
+
 @dataclass
 class ProbeResults:
     """Probe metrics per layer.
@@ -162,12 +264,37 @@ class ProbeResults:
         return decodable_depth(self.accuracy, self.layers, self.n_layers, fraction=fraction,
                                chance=self.chance, min_gain=min_gain)
 
+    def standard_errors(self) -> list[float]:
+        """Standard error of each layer's accuracy: `accuracy_std / sqrt(folds - 1)` for
+        cross-validation (the sample spread of the fold accuracies over sqrt(folds)), else the
+        binomial `sqrt(acc * (1 - acc) / n_test)` of the hold-out split."""
+        return standard_errors(self.accuracy, self.accuracy_std, self.split)
+
+    def depth_range(self, fraction: float = 0.9, min_gain: float = 0.05, z: float = 1.0) -> DepthRange:
+        """`depth_range` of the accuracy curve with `standard_errors()`."""
+        return depth_range(self.accuracy, self.standard_errors(), self.layers, self.n_layers,
+                           fraction=fraction, chance=self.chance, min_gain=min_gain, z=z)
+
     @property
     def best_layer(self) -> int:
         return self.layers[int(np.argmax(self.accuracy))]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def standard_errors(accuracy: Sequence[float], accuracy_std: Sequence[float] | None,
+                    split: Mapping[str, Any]) -> list[float]:
+    """Per-layer standard errors of probe accuracies, from what `ProbeResults` stores (also as
+    JSON): `split["kind"] == "cv"`: `accuracy_std / sqrt(folds - 1)`; "holdout": binomial
+    `sqrt(acc * (1 - acc) / n_test)`."""
+    if split.get("kind") == "cv":
+        if accuracy_std is None:
+            raise ValueError("cross-validated results without accuracy_std")
+        folds = int(split["folds"])
+        return [float(s) / math.sqrt(folds - 1) for s in accuracy_std]
+    n = int(split["n_test"])
+    return [math.sqrt(a * (1 - a) / n) for a in accuracy]
 
 
 def _as_numpy(x: Features) -> np.ndarray:

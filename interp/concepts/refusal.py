@@ -8,7 +8,7 @@ recipe, which this module follows:
 
 1. **Prompts.** Instructions go through the chat template as one user turn, with the
    generation prompt. The tokens after the instruction (for SmolLM2
-   `<|im_end|>\\n<|im_start|>assistant\\n`, five tokens; `post_instruction_tokens`) are the same
+   `<|im_end|>\\n<|im_start|>assistant\\n`, six tokens, "assistant" being two; `post_instruction_tokens`) are the same
    for every prompt; the model decides there whether to refuse.
 2. **Candidates.** At every layer (`resid_pre`) and every post-instruction position, the
    difference of means of harmful minus harmless training prompts (`candidate_directions`).
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -371,9 +372,11 @@ def select_direction(
     every position. Candidates are eligible when `l < n_layers * (1 - prune_last)` (integer
     cut, as Arditi et al.), KL <= `kl_threshold` and induce > `induce_threshold` (None turns a
     filter off). The eligible candidate with the lowest bypass score wins. When none is
-    eligible, the unpruned candidate with the lowest bypass score is returned with
-    `passed_filters=False` and a warning: the model may not have a refusal direction that
-    works both ways (or refuse at all).
+    eligible, the unpruned candidate with the lowest bypass score among those that keep the
+    KL limit (among all unpruned ones if none does) is returned with `passed_filters=False`
+    and a warning: the model may not have a refusal direction that works both ways (or refuse
+    at all). Without the KL preference the fallback tends to be a direction whose ablation
+    simply breaks the model (SmolLM2: layer 2, KL 11, gibberish completions).
 
     Cost: two batched forward passes over the validation prompts per candidate
     (`n_post * n_layers` candidates; restrict `layers` to save time).
@@ -433,7 +436,7 @@ def select_direction(
         eligible &= induce > induce_threshold
     scores = DirectionScores(bypass, induce, kl, eligible, float(base_harmful.mean()),
                              float(base_harmless.mean()))
-    pool = eligible if bool(eligible.any()) else evaluated & ~pruned[None, :]
+    pool = fallback_pool(eligible, evaluated & ~pruned[None, :], kl, kl_threshold)
     if not bool(pool.any()):
         raise ValueError("no candidate direction could be evaluated (all zero or pruned)")
     passed = bool(eligible.any())
@@ -441,7 +444,8 @@ def select_direction(
         warnings.warn(
             "no candidate refusal direction passed the filters (KL <= "
             f"{kl_threshold}, induce > {induce_threshold}); taking the lowest bypass score "
-            "among unpruned candidates. The model may barely refuse."
+            "among unpruned candidates within the KL limit (all unpruned ones if none is). "
+            "The model may barely refuse."
         )
     masked = torch.where(pool, bypass, torch.full_like(bypass, float("inf")))
     flat = int(masked.argmin())
@@ -450,6 +454,22 @@ def select_direction(
         direction=candidates[i, layer].clone(), layer=layer, position=i - n_post,
         passed_filters=passed, candidates=candidates, scores=scores,
     )
+
+
+def fallback_pool(
+    eligible: Bool[Tensor, "pos layer"],
+    usable: Bool[Tensor, "pos layer"],
+    kl: Float[Tensor, "pos layer"],
+    kl_threshold: float | None,
+) -> Bool[Tensor, "pos layer"]:
+    """The candidates `select_direction` picks the lowest bypass score from: the eligible ones;
+    if there are none, the usable (evaluated, unpruned) ones within the KL limit; if there are
+    none of those either, every usable one."""
+    if bool(eligible.any()):
+        return eligible
+    if kl_threshold is not None and bool((usable & (kl <= kl_threshold)).any()):
+        return usable & (kl <= kl_threshold)
+    return usable
 
 
 def find_refusal_direction(
@@ -551,8 +571,12 @@ def refusal_report(
     Returns:
         `(direction, report)`: the `RefusalDirection`, and a JSON-friendly dict with the
         settings, the selected layer/position and whether it passed the filters, its selection
-        scores, mean test refusal scores, refusal rates and example completions.
+        scores, the test instructions, mean test refusal scores, and (with `generate`) refusal
+        rates, the per-prompt judgements behind them (`refused`), every completion
+        (`completions`) and the first three of each condition (`examples`); `seconds` times
+        the selection, the test scores and the generation.
     """
+    t0 = time.perf_counter()
     tokens = refusal_token_ids(model, refusal_starts)
     n_post = len(post_instruction_tokens(model))
     data = {
@@ -564,8 +588,10 @@ def refusal_report(
         model, data["harmful", "train"], data["harmless", "train"], data["harmful", "val"],
         data["harmless", "val"], tokens, n_post, batch_size=batch_size, **select_kwargs,
     )
+    seconds = {"select": time.perf_counter() - t0}
     harmful, harmless = data["harmful", "test"], data["harmless", "test"]
     ablate, add = found.ablation(model), found.addition(model)
+    t0 = time.perf_counter()
     scores = {
         "harmful_clean": refusal_scores(model, harmful, tokens, batch_size=batch_size),
         "harmful_ablated": refusal_scores(model, harmful, tokens, ablate, batch_size),
@@ -585,15 +611,23 @@ def refusal_report(
         "val_baseline": {"harmful": found.scores.baseline_harmful,
                          "harmless": found.scores.baseline_harmless},
         "n_eligible": int(found.scores.eligible.sum()),
+        "test_instructions": {kind: load_instructions(kind, "test", n_test, seed)
+                              for kind in ("harmful", "harmless")},
         "test_scores": {k: float(v.mean()) for k, v in scores.items()},
+        "seconds": seconds,
     }
+    seconds["test_scores"] = time.perf_counter() - t0
     if generate:
+        t0 = time.perf_counter()
         rates = {
             "harmful_clean": refusal_rate(model, harmful, (), max_new_tokens, batch_size),
             "harmful_ablated": refusal_rate(model, harmful, ablate, max_new_tokens, batch_size),
             "harmless_clean": refusal_rate(model, harmless, (), max_new_tokens, batch_size),
             "harmless_added": refusal_rate(model, harmless, add, max_new_tokens, batch_size),
         }
+        seconds["generate"] = time.perf_counter() - t0
         report["refusal_rate"] = {k: r.rate for k, r in rates.items()}
+        report["refused"] = {k: r.refused for k, r in rates.items()}
+        report["completions"] = {k: r.completions for k, r in rates.items()}
         report["examples"] = {k: r.completions[:3] for k, r in rates.items()}
     return found, report

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from interp.concepts.probes import decodable_depth, layer_probes, probe_split
+from interp.concepts.probes import (ProbeResults, decodable_depth, depth_range, layer_probes,
+                                    probe_split, standard_errors)
 
 
 def _planted(n=300, d=48, seed=0):
@@ -78,6 +79,44 @@ def test_decodable_depth_follows_its_definition():
         decodable_depth(curve, fraction=0)
     with pytest.raises(ValueError, match="NaN"):
         decodable_depth([0.5, float("nan")])
+
+
+def test_depth_range_brackets_the_strict_depth_by_hand():
+    # chance 0.5, best 0.85 at layer 7: threshold 0.5 + 0.9 * 0.35 = 0.815. Strict depth: the
+    # first accuracy >= 0.815 is layer 4 (0.82). With se 0.02: within one se of reaching it
+    # (acc + 0.02 >= 0.815) first at layer 3 (0.80); clearly above it (acc - 0.02 >= 0.815)
+    # first at layer 6 (0.84), since 0.82 - 0.02 = 0.80 at layer 4 is not.
+    curve = [0.50, 0.60, 0.70, 0.80, 0.82, 0.78, 0.84, 0.85]
+    r = depth_range(curve, [0.02] * 8, chance=0.5)
+    assert r.threshold == pytest.approx(0.815)
+    assert (r.low, r.depth, r.high) == (3, 4, 6)
+    assert r.low_relative == pytest.approx(3 / 7) and r.high_relative == pytest.approx(6 / 7)
+    assert r.depth == decodable_depth(curve, chance=0.5).layer
+    assert (depth_range(curve, [0.02] * 8, z=0).low, depth_range(curve, [0.02] * 8, z=0).high) == (4, 4)
+    wide = depth_range(curve, [0.06] * 8)  # no layer is 0.06 above 0.815: high is the best layer
+    assert (wide.low, wide.depth, wide.high) == (3, 4, 7)
+    # Per-layer errors count per layer: a sure layer 3 is not within reach.
+    assert depth_range(curve, [0.02, 0.02, 0.02, 0.0, 0.02, 0.02, 0.02, 0.02]).low == 4
+    # The SmolLM2 cities case in small: 0.760 against a threshold of 0.761 is one se away.
+    smol = depth_range([0.5, 0.76, 0.70, 0.79], [0.0, 0.015, 0.015, 0.015], chance=0.5)
+    assert smol.threshold == pytest.approx(0.761) and (smol.low, smol.depth, smol.high) == (1, 3, 3)
+    assert depth_range({2: 0.8, 0: 0.5, 1: 0.79}, {0: 0.0, 1: 0.01, 2: 0.01}).low == 1
+    flat = depth_range([0.5, 0.52, 0.51], [0.01] * 3)
+    assert flat.depth is None and flat.low is None and flat.high is None
+    with pytest.raises(ValueError, match="standard errors"):
+        depth_range(curve, [0.02] * 7)
+    with pytest.raises(ValueError, match=">= 0"):
+        depth_range(curve, [-0.02] * 8)
+
+
+def test_standard_errors_from_stored_results():
+    assert standard_errors([0.7, 0.8], [0.04, 0.0], {"kind": "cv", "folds": 5}) == pytest.approx([0.02, 0.0])
+    assert standard_errors([0.8], None, {"kind": "holdout", "n_test": 100}) == pytest.approx([0.04])
+    res = ProbeResults(layers=[0, 1, 2], accuracy=[0.5, 0.8, 0.9], f1=[0.0] * 3, auc=[0.5] * 3,
+                       chance=0.5, n_examples=200, split={"kind": "cv", "folds": 5, "seed": 0},
+                       C=1.0, n_layers=2, accuracy_std=[0.0, 0.2, 0.02])
+    r = res.depth_range()  # threshold 0.86; se 0.1 at layer 1 puts it within reach
+    assert (r.low, r.depth, r.high) == (1, 2, 2) and r.high_relative == 1.0
 
 
 def test_bad_labels_and_shapes_are_errors():

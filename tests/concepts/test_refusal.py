@@ -248,3 +248,17 @@ def test_refusal_rate_judges_greedy_completions(default_model):
     assert len(rate.completions) == 2 and all(isinstance(c, str) for c in rate.completions)
     assert rate.refused == [R.is_refusal(c) for c in rate.completions]
     assert rate.rate == sum(rate.refused) / 2
+
+
+def test_fallback_pool_prefers_candidates_within_the_kl_limit():
+    usable = torch.tensor([[True, True, False], [True, True, True]])
+    kl = torch.tensor([[0.05, 2.0, 0.0], [11.0, 0.09, 0.5]])
+    none = torch.zeros_like(usable)
+    eligible = none.clone()
+    eligible[1, 2] = True
+    assert torch.equal(R.fallback_pool(eligible, usable, kl, 0.1), eligible)
+    within = R.fallback_pool(none, usable, kl, 0.1)
+    assert within.nonzero().tolist() == [[0, 0], [1, 1]]  # not [0, 2]: unusable
+    assert torch.equal(R.fallback_pool(none, usable, kl, 0.01), usable)
+    assert torch.equal(R.fallback_pool(none, usable, kl, None), usable)
+

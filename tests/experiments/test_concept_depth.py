@@ -78,6 +78,8 @@ def test_generic_dataset_runs_the_whole_study(tmp_path, tiny_with_tokenizer, cap
         assert run["layers"] == [0, 1, 2] and len(run["accuracy"]) == len(run["auc"]) == 3
         assert run["accuracy"][0] == 1.0  # the last token's embedding gives the label away
         assert run["depth"]["layer"] == 0 and run["depth"]["relative"] == 0.0
+        rng = run["depth_range"]
+        assert (rng["low"], rng["depth"], rng["high"]) == (0, 0, 0) and rng["z"] == 1.0
         assert run["chance"] == 0.5 and run["split"] == {"kind": "cv", "folds": 4, "seed": 0}
     assert entry["conditions"]["noise"]["example"][:3] in ("aaa", "bbb")
     assert results["settings"]["probe"]["cv_folds"] == 4
@@ -88,6 +90,7 @@ def test_generic_dataset_runs_the_whole_study(tmp_path, tiny_with_tokenizer, cap
     assert (out / "concept-depth" / "relative_depth_models.html").exists()
     printed = capsys.readouterr().out
     assert "Concept depth on tiny-llama" in printed and "toy" in printed
+    assert "Depth range" in printed and "0-0 (0.00-0.00)" in printed
 
     # A second run with the same settings resumes from the saved per-condition results.
     assert cli.main(argv) == 0
@@ -95,6 +98,13 @@ def test_generic_dataset_runs_the_whole_study(tmp_path, tiny_with_tokenizer, cap
     assert printed.count("loaded from") == 3
     again = json.loads((out_dir / "results.json").read_text())
     assert again["datasets"]["toy"]["conditions"]["none"]["accuracy"] == entry["conditions"]["none"]["accuracy"]
+
+    # Summary settings (the threshold fraction, the range's z) recompute nothing either.
+    assert cli.main(argv + ["--fraction", "0.8", "--range-z", "2"]) == 0
+    assert capsys.readouterr().out.count("loaded from") == 3
+    again = json.loads((out_dir / "results.json").read_text())
+    assert again["settings"]["fraction"] == 0.8
+    assert again["datasets"]["toy"]["conditions"]["none"]["depth_range"]["z"] == 2.0
 
 
 def test_rounding_changes_weights_by_the_expected_amount():
