@@ -66,7 +66,7 @@ from interp.concepts.collect import collect
 from interp.concepts.datasets import CONCEPT_DEPTH, ConceptDataset, load_dataset, load_table
 from interp.concepts.probes import decodable_depth, depth_range, layer_probes, standard_errors
 from interp.results import write_results
-from interp.studies import StudyConfig
+from interp.studies import StudyConfig, torch_threads
 
 DESCRIPTION = ("Concept Depth (Jin et al. 2024): probe accuracy per layer for each data set, the "
                "depth where each concept becomes decodable, under input noise and weight rounding.")
@@ -181,13 +181,8 @@ def run(config: StudyConfig, datasets: list[str] | None = None, dataset: Path | 
         C: float = 1.0, fraction: float = 0.9, range_z: float = 1.0, batch_size: int = 32,
         memory_gb: float = 2.0, threads: int | None = None) -> dict:
     if threads is not None:  # set for this run only
-        arguments = dict(locals(), threads=None)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return run(**arguments)
-        finally:
-            torch.set_num_threads(previous)
+        with torch_threads(threads):
+            return run(**dict(locals(), threads=None))
     options = dict(datasets=datasets or list(CONCEPT_DEPTH), dataset=dataset, text_col=text_col,
                    label_col=label_col, positive=positive, label_map=label_map,
                    records_key=records_key, n_examples=n_examples)

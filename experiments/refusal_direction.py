@@ -45,7 +45,7 @@ import torch
 from interp import models
 from interp.concepts.refusal import refusal_report
 from interp.results import write_results
-from interp.studies import StudyConfig
+from interp.studies import StudyConfig, torch_threads
 
 DESCRIPTION = ("Refusal direction (Arditi et al. 2024): find it on a chat model, then measure "
                "refusal rates of harmful prompts with it ablated and harmless ones with it added.")
@@ -92,13 +92,8 @@ def run(config: StudyConfig, n_train: int = 64, n_val: int = 16, n_test: int = 3
         induce_threshold: float = 0.0, prune_last: float = 0.2, generate: bool = True,
         batch_size: int = 16, threads: int | None = None) -> dict:
     if threads is not None:  # set for this run only
-        arguments = dict(locals(), threads=None)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return run(**arguments)
-        finally:
-            torch.set_num_threads(previous)
+        with torch_threads(threads):
+            return run(**dict(locals(), threads=None))
     torch.manual_seed(config.seed)
     out = config.out_dir("refusal-direction")
     t_start, cpu_start = time.perf_counter(), time.process_time()

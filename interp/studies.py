@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+
+import torch
 
 from interp.models import DEFAULT_MODEL
 
@@ -70,3 +73,17 @@ def get(name: str) -> ModuleType:
             f"[project.entry-points.\"{ENTRY_POINT_GROUP}\"] appears after `pip install -e .`."
         )
     return importlib.import_module(studies[name])
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run the block with `n` torch threads (None: as they are), restoring the count after."""
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

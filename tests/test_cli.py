@@ -48,3 +48,20 @@ def test_unknown_model_exits_2_with_the_known_names(tmp_path):
     assert proc.returncode == 2
     assert "Unknown model 'nope'" in proc.stderr and models.DEFAULT_MODEL in proc.stderr
 
+
+
+def test_torch_threads_sets_and_restores_the_thread_count():
+    import torch
+
+    from interp.studies import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with torch_threads(before + 1):
+            raise RuntimeError("the count is restored on errors too")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
