@@ -10,7 +10,8 @@ from interp import cli, models
 
 
 def test_relp_ioi_writes_the_agreement_table_and_figures(tmp_path, capsys):
-    assert cli.main(["run", "relp-ioi", "--n-pairs", "1", "--ig-steps", "2", "--out", str(tmp_path)]) == 0
+    assert cli.main(["run", "relp-ioi", "--n-pairs", "1", "--ig-steps", "2", "--ig-activations",
+                     "--out", str(tmp_path)]) == 0
     out_dir = tmp_path / "relp-ioi" / models.DEFAULT_MODEL
     results = json.loads((out_dir / "results.json").read_text())
     for family in ("resid", "attn", "mlp", "heads"):
