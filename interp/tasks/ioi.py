@@ -351,6 +351,16 @@ def _check_template(template: str) -> None:
             problems.append(f"{{{name}}} must occur exactly once (found {slots.count(name)})")
     if not problems and slots.index("S2") < max(slots.index("IO"), slots.index("S1")):
         problems.append("{S2} must come after {IO} and {S1}")
+    problems += _spacing_problems(template)
+    if problems:
+        raise ValueError(f"bad IOI template {template!r}: " + "; ".join(problems))
+
+
+def _spacing_problems(template: str) -> list[str]:
+    """What breaks the token layout of a template: every slot value is one token with its
+    leading space, so each slot must follow a space, the text must start with a word, and it
+    must not end with a space (the predicted token carries it)."""
+    problems = []
     pieces = list(string.Formatter().parse(template))
     if not pieces[0][0].strip() or any(not lit.endswith(" ") for lit, f, _, _ in pieces if f is not None):
         problems.append(
@@ -358,9 +368,8 @@ def _check_template(template: str) -> None:
             "' Mary'), and the template must start with a word, not a slot or a space"
         )
     if template.endswith(" "):
-        problems.append("the template must not end with a space (the answer token carries it)")
-    if problems:
-        raise ValueError(f"bad IOI template {template!r}: " + "; ".join(problems))
+        problems.append("the template must not end with a space (the predicted token carries it)")
+    return problems
 
 
 def _vocab(

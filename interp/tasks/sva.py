@@ -80,14 +80,21 @@ Positions include the BOS token when the model prepends one.
 from __future__ import annotations
 
 import random
-import string
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
 from transformer_lens import HookedTransformer
 
-from interp.tasks.ioi import PromptPairs, _fill, _Filled, _need_tokenizer, _slots, pairs_from_rows
+from interp.tasks.ioi import (
+    PromptPairs,
+    _fill,
+    _Filled,
+    _need_tokenizer,
+    _slots,
+    _spacing_problems,
+    pairs_from_rows,
+)
 from interp.tokens import single_token
 
 __all__ = [
@@ -196,16 +203,7 @@ def _check_template(template: str) -> None:
         problems.append(f"{{subj}} must occur exactly once (found {slots.count('subj')})")
     if slots.count("attr") > 1:
         problems.append(f"{{attr}} may occur at most once (found {slots.count('attr')})")
-    pieces = list(string.Formatter().parse(template))
-    if not pieces[0][0].strip() or any(
-        not lit.endswith(" ") for lit, f, _, _ in pieces if f is not None
-    ):
-        problems.append(
-            "every slot must follow a space (nouns are single tokens with a leading space, "
-            "' author'), and the template must start with a word, not a slot or a space"
-        )
-    if template.endswith(" "):
-        problems.append("the template must not end with a space (the verb token carries it)")
+    problems += _spacing_problems(template)
     if problems:
         raise ValueError(f"bad SVA template {template!r}: " + "; ".join(problems))
 
