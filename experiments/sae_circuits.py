@@ -127,12 +127,10 @@ def run(config: StudyConfig, layers: str | None = None, hook: str = "hook_resid_
             timings[name] = scores[name]["seconds"]
             print(f"{name}: {timings[name]:.1f} s")
         means = ablation_means(model, torch.cat([clean, corrupt]), fams)
-        curves = {}
-        for name in methods:
-            counts = [c for c in COUNTS if c < _n_nodes(scores[name]["scores"])]
-            counts.append(_n_nodes(scores[name]["scores"]))
-            curves[name] = faithfulness_curve(model, clean, metric, scores[name]["scores"], fams,
-                                              counts, means)
+        n_nodes = _n_nodes(scores["relp"]["scores"])  # the same nodes for every method
+        counts = [c for c in COUNTS if c < n_nodes] + [n_nodes]
+        curves = {name: faithfulness_curve(model, clean, metric, scores[name]["scores"], fams,
+                                           counts, means) for name in methods}
         top = _top_nodes(scores, fams, model, clean, n=20)
 
     agreement = _agreement(scores["relp"]["scores"], scores["ig"]["scores"])

@@ -37,7 +37,7 @@ Caveats:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -193,12 +193,9 @@ class FaithfulnessCurve:
     m_full: float
     m_empty: float
     n_nodes: int
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "counts": self.counts, "metric": self.metric,
-                "faithfulness": self.faithfulness, "m_full": self.m_full,
-                "m_empty": self.m_empty, "n_nodes": self.n_nodes, **self.extra}
+        return asdict(self)
 
 
 def faithfulness_curve(
