@@ -13,12 +13,22 @@ How it is fast (DESIGN.md, performance principles), compared with TransformerLen
   target batch, `rows = sites x prompts`, and each copy gets its own site patched;
 - a patch at layer L cannot change layers before L, so every patched run starts from the
   target's cached `resid_pre` at layer L and runs only blocks L..end;
+- the runs of several layers share one *wave* of block calls: the rows patched at layer L join
+  the batch at block L, so no row runs a block it does not need, and a wave over all layers
+  makes one call per block instead of one per block and patched layer (on a CPU a call has a
+  fixed cost of about 50-100 row-positions of work, and larger products run faster per row);
 - only the logits the metric reads are computed (`metrics.final_columns`): the final norm at the
   last position and a few unembedding columns, not the whole vocabulary at every position;
 - a patch at position p cannot change positions before p (causal attention), so patches of a
   family with a position axis run on positions p.. only, reading the target run's keys and
   values of earlier positions from a KV cache (TransformerLens's own cache entries);
-- rows are chunked so that one chunk's activations stay under `memory_gb`.
+- positions before the first token where the two batches differ see the same tokens in both
+  runs, so every activation there is equal and patching it changes nothing: those sites are
+  not run (their effect is exactly 0), and patched runs start at that position;
+- rows are chunked so that one block call's activations stay under `memory_gb`;
+- weights are stored in the layout TransformerLens rearranges them to on each call
+  (`layout.inference_layout`), so its per-call weight copies, about a third of a small block
+  call on a CPU, become views.
 
 Prompts of different lengths can share a batch: right-pad them and give the metric each
 prompt's `end_pos`. With causal attention the padding never reaches a prompt's prediction.
@@ -27,20 +37,23 @@ prompt's `end_pos`. With causal attention the padding never reaches a prompt's p
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
+from transformer_lens import ActivationCache, HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+from transformer_lens.hook_points import HookPoint
 
 from interp.attribution.metrics import LogitDiff, final_columns
 from interp.attribution.sites import Scores, SiteFamily, default_labels, families
+from interp.layout import inference_layout
 
 Direction = Literal["denoise", "noise"]
 
@@ -92,175 +105,256 @@ def exact_patching(
         metric: reads a few logit columns at each prompt's prediction position (`LogitDiff`).
         site_families: names from `sites.FAMILIES`, or `SiteFamily` objects (e.g. SAE latents).
         direction: `"denoise"` (clean into corrupt, default) or `"noise"`.
-        memory_gb: rough bound on the activations of one chunk of patched runs.
+        memory_gb: rough bound on the activations of one block call.
         progress: show a progress bar.
-        skip_prefix: for families with a position axis, run a chunk whose patches start at
-            position `p0` on positions `p0..` only, with the target run's keys and values of
-            positions `< p0` (which no such patch can change) supplied as a KV cache.
+        skip_prefix: use causality: run a patch that starts at position `p0` on positions
+            `p0..` only, with the target run's keys and values of earlier positions (which the
+            patch cannot change) given as a KV cache; and skip positions where clean and
+            corrupt tokens agree in every prompt so far, where patching changes nothing.
+            Off: every patched run covers every position (slower; a check of the shortcut).
         call_cost: the fixed cost of one block call in units of (row x position) of work, used
-            to decide how positions are grouped into chunks (TransformerLens copies some
-            weight matrices on every call, so many tiny chunks are slower than a few larger
-            ones; on a 2-core CPU one call costs about as much as 64-100 row-positions).
-        checkpoint: a directory; each family's finished layers are saved there as they are
-            done (`<family>.pt`) and skipped when the same call runs again, so an interrupted
-            run loses at most one layer of work. The caller keeps one directory per setting
-            (model, tokens, metric, direction): nothing here checks that they match.
+            to decide how positions are grouped into chunks (each block call has a fixed
+            cost, so many tiny chunks are slower than a few larger ones; on a 2-core CPU one
+            call costs about as much as 50-100 row-positions).
+        checkpoint: a directory; each family's finished sites are saved there after every
+            wave of patched runs (`<family>.pt`) and skipped when the same call runs again,
+            so an interrupted run loses at most one wave. The caller keeps one directory per
+            setting (model, tokens, metric, direction): nothing here checks that they match.
     """
     check_pairs(clean_tokens, corrupt_tokens, metric)
     target, source = targets(clean_tokens, corrupt_tokens, direction)
     device = model.cfg.device
     target, source = target.to(device), source.to(device)
     fams = families(site_families)
-    n_layers = model.cfg.n_layers
     batch, n_pos = target.shape
-    columns = metric.columns.to(device)
-    end = metric.positions(n_pos).to(device)
-    with torch.no_grad():
-        starts, kv = _target_run(model, target)
-        final = starts[n_layers][torch.arange(batch, device=device), end]
-        baseline_rows = metric.from_columns(final_columns(model, final, columns))
+    with torch.no_grad(), inference_layout(model):  # spares TransformerLens's per-call weight copies
+        run = _target_run(model, target, metric)
         names = {f.hook_name(layer) for f in fams for layer in f.layer_list(model)}
         _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
-    baseline = baseline_rows.mean().item()
+        p_first = _first_difference(target, source) if skip_prefix else 0
 
-    max_sites = _sites_per_chunk(model, n_pos, batch, memory_gb)
-    shapes = {f.name: f.site_shape(source_cache[f.hook_name(f.layer_list(model)[0])].shape) for f in fams}
-    bar = tqdm(total=sum(math.prod(shapes[f.name]) * len(f.layer_list(model)) for f in fams),
-               desc="exact patching", disable=not progress, unit="site")
-    results = {}
-    for fam in fams:
-        shape, layers = shapes[fam.name], fam.layer_list(model)
-        values = torch.zeros(len(layers), math.prod(shape))
-        done: list[int] = []
-        saved = Path(checkpoint) / f"{fam.name}.pt" if checkpoint is not None else None
-        if saved is not None and saved.exists():
-            state = torch.load(saved)
-            values, done = state["values"], state["done_layers"]
-            bar.update(len(done) * values.shape[1])
-        chunks = _chunks(fam, shape, batch, max_sites, skip_prefix, call_cost)
-        for row, layer in enumerate(layers):
-            if layer in done:
-                continue
-            src = source_cache[fam.hook_name(layer)]
+        max_sites = _sites_per_chunk(model, n_pos, batch, memory_gb)
+        shapes = {f.name: f.site_shape(source_cache[f.hook_name(f.layer_list(model)[0])].shape)
+                  for f in fams}
+        bar = tqdm(total=sum(math.prod(shapes[f.name]) * len(f.layer_list(model)) for f in fams),
+                   desc="exact patching", disable=not progress, unit="site")
+        results = {}
+        for fam in fams:
+            shape, layers = shapes[fam.name], fam.layer_list(model)
+            saved = Path(checkpoint) / f"{fam.name}.pt" if checkpoint is not None else None
+            values, done = _load_checkpoint(saved, len(layers), math.prod(shape))
+            chunks = _chunks(fam, shape, batch, max_sites, p_first, call_cost, layers,
+                             model.cfg.n_layers)
+            unpatched = torch.ones_like(done)  # sites no chunk covers: positions before p_first
+            for sites, _ in chunks:
+                unpatched[:, sites] = False
+            done |= unpatched
+            bar.update(int(done.sum()))
             for sites, p0 in chunks:
-                n = len(sites)
-                mask = _site_mask(fam, sites, shape, src.shape[1:])[:, :, p0:].to(device)
-                src_tail = src[:, p0:]
-
-                def patch_hook(act, hook, mask=mask, src=src_tail, n=n):
-                    act = act.view(n, batch, *act.shape[1:])
-                    return torch.where(mask, src.unsqueeze(0), act).flatten(0, 1)
-
-                resid = einops.repeat(starts[layer][:, p0:], "b p d -> (s b) p d", s=n)
-                with torch.no_grad(), model.hooks(fwd_hooks=[(fam.hook_name(layer), patch_hook)]):
-                    out = _run_blocks(model, layer, resid, kv, p0, n)
-                    patched = _patched_metric(model, metric, out, end, p0, columns, baseline_rows, n)
-                values[row, sites] = (patched - baseline_rows).mean(1).float().cpu()
-                bar.update(n)
-            if saved is not None:
-                done.append(layer)
-                saved.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"values": values, "done_layers": done}, saved.with_suffix(".tmp"))
-                saved.with_suffix(".tmp").replace(saved)
-        results[fam.name] = Scores(
-            family=fam.name, method="exact", values=values.view(len(layers), *shape),
-            dims=fam.dims, labels=default_labels(model, fam, target, shape), baseline=baseline,
-        )
-    bar.close()
+                todo = [layer for row, layer in enumerate(layers) if not done[row, sites].all()]
+                for wave in _waves(todo, len(sites), max_sites):
+                    patched = _run_wave(model, fam, run, source_cache, wave, sites, shape, p0)
+                    rows = [layers.index(layer) for layer in wave]
+                    for k, row in enumerate(rows):
+                        values[row, sites] = (patched[k] - run.baseline_rows).mean(1).float().cpu()
+                        done[row, sites] = True
+                    bar.update(len(wave) * len(sites))
+                    if saved is not None:
+                        _save_checkpoint(saved, values, done)
+            results[fam.name] = Scores(
+                family=fam.name, method="exact", values=values.view(len(layers), *shape),
+                dims=fam.dims, labels=default_labels(model, fam, target, shape),
+                baseline=run.baseline_rows.mean().item(),
+            )
+        bar.close()
     return results
 
 
-def _target_run(
-    model: HookedTransformer, tokens: Int[Tensor, "batch pos"]
-) -> tuple[list[Tensor], list[TransformerLensKeyValueCacheEntry]]:
-    """The target run block by block: the residual stream entering each layer (and the final
-    one, last) and each layer's keys and values as TransformerLens caches them."""
+class _TargetRun(NamedTuple):
+    """The unpatched target run, which every patched run starts from and is compared with."""
+
+    starts: list[Float[Tensor, "batch pos d_model"]]
+    """The residual stream entering each layer, and the final one last."""
+    kv: list[TransformerLensKeyValueCacheEntry]
+    """Each layer's keys and values as TransformerLens caches them (frozen)."""
+    end: Int[Tensor, " batch"]
+    """Each prompt's prediction position."""
+    columns: Int[Tensor, "batch k"]
+    """The logit columns the metric reads."""
+    metric: LogitDiff
+    baseline_rows: Float[Tensor, " batch"]
+    """The metric of each prompt's unpatched target run."""
+
+
+def _target_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], metric: LogitDiff) -> _TargetRun:
+    """Run the target block by block, keeping what patched runs start from and compare with."""
+    batch, n_pos = tokens.shape
     x = model(tokens, stop_at_layer=0)  # embeddings (and position embeddings) only
-    kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, tokens.shape[0]).entries
+    kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch).entries
     starts = [x]
     for block, entry in zip(model.blocks, kv):
         x = block(x, past_kv_cache_entry=entry)
         starts.append(x)
     for entry in kv:
         entry.frozen = True
-    return starts, kv
+    end = metric.positions(n_pos).to(x.device)
+    columns = metric.columns.to(x.device)
+    final = x[torch.arange(batch, device=x.device), end]
+    baseline_rows = metric.from_columns(final_columns(model, final, columns))
+    return _TargetRun(starts, kv, end, columns, metric, baseline_rows)
 
 
-def _run_blocks(
+def _first_difference(target: Int[Tensor, "batch pos"], source: Int[Tensor, "batch pos"]) -> int:
+    """The first position where the target and source tokens differ in some prompt.
+
+    Before it both runs see the same tokens, so (with causal attention) every activation there
+    is the same in both and patching it changes nothing. At most `pos - 1`, so that there is
+    always something to run."""
+    differs = (target != source).any(0).nonzero()
+    return int(differs[0]) if len(differs) else target.shape[1] - 1
+
+
+def _run_wave(
     model: HookedTransformer,
-    layer: int,
-    x: Float[Tensor, "rows pos d_model"],
-    kv: list[TransformerLensKeyValueCacheEntry],
+    fam: SiteFamily,
+    run: _TargetRun,
+    source_cache: ActivationCache,
+    wave: list[int],
+    sites: Int[Tensor, " sites"],
+    shape: tuple[int, ...],
     p0: int,
-    copies: int,
-) -> Float[Tensor, "rows pos d_model"]:
-    """Blocks `layer..` on positions `p0..` of `copies` stacked target batches, the target's
-    keys and values of positions `< p0` given as a frozen KV cache."""
-    for block, entry in zip(model.blocks[layer:], kv[layer:]):
-        past = None
-        if p0 > 0:
-            past = TransformerLensKeyValueCacheEntry(
-                past_keys=entry.past_keys[:, :p0].repeat(copies, 1, 1, 1),
-                past_values=entry.past_values[:, :p0].repeat(copies, 1, 1, 1),
-                frozen=True,
-            )
-        x = block(x, past_kv_cache_entry=past)
-    return x
+) -> Float[Tensor, "wave sites batch"]:
+    """The metric of the target run with each site of `sites` patched at each layer of `wave`.
+
+    A wave runs layers `wave[0]..` once: the patched runs of layer L (`sites x batch` rows, a
+    copy of the target's residual stream entering L) join the batch at block L, and block L's
+    hook patches those rows only. Rows of earlier layers of the wave are already running, so
+    the batch grows layer by layer and no row runs a block it does not need. Only positions
+    `p0..` run; the target's keys and values of earlier positions come from its KV cache.
+    """
+    batch = run.end.shape[0]
+    n = len(sites)
+    mask = _site_mask(fam, sites, shape, source_cache[fam.hook_name(wave[0])].shape[1:])
+    if mask.shape[2] > 1:  # the position axis, unless the mask broadcasts over it
+        mask = mask[:, :, p0:]
+    mask = mask.to(run.end.device)
+
+    def patch_hook(act: Tensor, hook: HookPoint, src: Tensor) -> Tensor:
+        new = act[-n * batch:].view(n, batch, *act.shape[1:])  # the rows that joined here
+        new = torch.where(mask, src.unsqueeze(0), new).flatten(0, 1)
+        return torch.cat([act[: -n * batch], new])
+
+    hooks = [(fam.hook_name(layer), partial(patch_hook, src=source_cache[fam.hook_name(layer)][:, p0:]))
+             for layer in wave]
+    x: Tensor | None = None
+    with model.hooks(fwd_hooks=hooks):
+        for layer in range(wave[0], model.cfg.n_layers):
+            if layer in wave:
+                joining = einops.repeat(run.starts[layer][:, p0:], "b p d -> (s b) p d", s=n)
+                x = joining if x is None else torch.cat([x, joining])
+            assert x is not None  # wave[0] is the first layer
+            past = None
+            if p0 > 0:
+                copies = x.shape[0] // batch
+                entry = run.kv[layer]
+                past = TransformerLensKeyValueCacheEntry(
+                    past_keys=entry.past_keys[:, :p0].repeat(copies, 1, 1, 1),
+                    past_values=entry.past_values[:, :p0].repeat(copies, 1, 1, 1),
+                    frozen=True,
+                )
+            x = model.blocks[layer](x, past_kv_cache_entry=past)
+    patched = _patched_metric(model, x, run, p0, len(wave) * n)
+    return patched.view(len(wave), n, batch)
 
 
 def _patched_metric(
     model: HookedTransformer,
-    metric: LogitDiff,
     out: Float[Tensor, "rows pos d_model"],
-    end: Int[Tensor, " batch"],
+    run: _TargetRun,
     p0: int,
-    columns: Int[Tensor, "batch k"],
-    baseline_rows: Float[Tensor, " batch"],
     copies: int,
 ) -> Float[Tensor, "copies batch"]:
     """The metric of each patched row. A prompt whose prediction position lies before `p0`
     cannot be affected by patches at `p0..` (causal attention): it keeps its baseline."""
-    batch = end.shape[0]
-    rel = (end - p0).clamp(min=0).repeat(copies)
+    batch = run.end.shape[0]
+    rel = (run.end - p0).clamp(min=0).repeat(copies)
     final = out[torch.arange(out.shape[0], device=out.device), rel]
-    patched = metric.from_columns(final_columns(model, final, columns.repeat(copies, 1)))
+    patched = run.metric.from_columns(final_columns(model, final, run.columns.repeat(copies, 1)))
     patched = patched.view(copies, batch)
-    return torch.where((end >= p0).unsqueeze(0), patched, baseline_rows.unsqueeze(0))
+    return torch.where((run.end >= p0).unsqueeze(0), patched, run.baseline_rows.unsqueeze(0))
 
 
 def _chunks(
-    fam: SiteFamily, shape: tuple[int, ...], batch: int, max_sites: int, skip_prefix: bool,
-    call_cost: float,
+    fam: SiteFamily, shape: tuple[int, ...], batch: int, max_sites: int, p_first: int,
+    call_cost: float, layers: list[int], n_layers: int,
 ) -> list[tuple[Tensor, int]]:
-    """Sites of one layer in chunks, each with the first position `p0` it must compute.
+    """The sites of one layer in chunks, each with the first position `p0` it must compute.
 
-    Without a position axis (or with `skip_prefix` off) every chunk starts at 0 and chunks are
-    as large as memory allows. With a position axis, sites are grouped by position (site order
-    is position-major), and the grouping minimises `calls * call_cost + sum(rows * positions)`
-    over consecutive groups by dynamic programming: small groups skip more positions, large
-    groups make fewer calls.
+    Every layer of the family uses the same chunks. Without a position axis every chunk
+    starts at `p_first` (where the two token batches first differ) and chunks are as large
+    as memory allows. With a position axis, positions before `p_first` get no chunk (their
+    effect is exactly zero), the others are grouped into consecutive runs (site order is
+    position-major), and the grouping minimises `block calls * call_cost + sum(rows *
+    positions)` over all layers by dynamic programming: small groups skip more positions,
+    large groups make fewer calls.
     """
     n_sites = math.prod(shape)
-    if not skip_prefix or fam.axes[0] != "pos":
-        return [(torch.arange(lo, min(lo + max_sites, n_sites)), 0)
+    if fam.axes[0] != "pos":
+        return [(torch.arange(lo, min(lo + max_sites, n_sites)), p_first)
                 for lo in range(0, n_sites, max_sites)]
     n_pos, per_pos = shape[0], n_sites // shape[0]
+    blocks_per_site = sum(n_layers - layer for layer in layers)
     # best[i]: the cheapest cost of positions i.. ; choice[i]: where the group starting at i ends.
     best = [0.0] * (n_pos + 1)
     choice = [n_pos] * (n_pos + 1)
-    for i in range(n_pos - 1, -1, -1):
+    for i in range(n_pos - 1, p_first - 1, -1):
         best[i] = math.inf
         for j in range(i + 1, n_pos + 1):
             sites = (j - i) * per_pos
-            cost = math.ceil(sites / max_sites) * call_cost + sites * batch * (n_pos - i) + best[j]
+            calls = _block_calls(layers, sites, max_sites, n_layers)
+            cost = calls * call_cost + sites * batch * (n_pos - i) * blocks_per_site + best[j]
             if cost < best[i]:
                 best[i], choice[i] = cost, j
-    chunks, i = [], 0
+    chunks, i = [], p_first
     while i < n_pos:
         sites = torch.arange(i * per_pos, choice[i] * per_pos)
         chunks += [(sites[lo:lo + max_sites], i) for lo in range(0, len(sites), max_sites)]
         i = choice[i]
     return chunks
+
+
+def _waves(layers: list[int], n_sites: int, max_sites: int) -> list[list[int]]:
+    """Consecutive layers whose patched runs of `n_sites` sites share one pass (`_run_wave`),
+    as many as keep the rows of the last block call within `max_sites` sites."""
+    per_wave = max(1, max_sites // n_sites)
+    return [layers[k:k + per_wave] for k in range(0, len(layers), per_wave)]
+
+
+def _block_calls(layers: list[int], n_sites: int, max_sites: int, n_layers: int) -> int:
+    """How many block calls the waves of `n_sites` sites (in chunks of `max_sites`) make."""
+    full, rest = divmod(n_sites, max_sites)
+    sizes = [max_sites] * full + ([rest] if rest else [])
+    return sum(n_layers - wave[0] for size in sizes for wave in _waves(layers, size, max_sites))
+
+
+def _load_checkpoint(saved: Path | None, n_layers: int, n_sites: int) -> tuple[Tensor, Tensor]:
+    """`values [layer, site]` and which of them are `done`, from a checkpoint if there is one."""
+    values = torch.zeros(n_layers, n_sites)
+    done = torch.zeros(n_layers, n_sites, dtype=torch.bool)
+    if saved is not None and saved.exists():
+        state = torch.load(saved)
+        values = state["values"]
+        if "done" in state:
+            done = state["done"]
+        else:  # written before checkpoints were per site: whole layers
+            done[state["done_layers"]] = True
+    return values, done
+
+
+def _save_checkpoint(saved: Path, values: Tensor, done: Tensor) -> None:
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"values": values, "done": done}, saved.with_suffix(".tmp"))
+    saved.with_suffix(".tmp").replace(saved)
 
 
 def _site_mask(

@@ -163,20 +163,63 @@ def test_bad_shapes_are_named():
         exact_patching(model, clean, corrupt, metric, direction="sideways", progress=False)
 
 
-def test_checkpoint_resumes_finished_layers(tmp_path):
+def test_checkpoint_resumes_finished_sites(tmp_path):
     model = models.load("tiny-llama")
     clean, corrupt, metric = _tiny_pairs(model)
     full = exact_patching(model, clean, corrupt, metric, ["resid"], progress=False,
                           checkpoint=tmp_path / "a")
     saved = torch.load(tmp_path / "a" / "resid.pt")
-    assert saved["done_layers"] == list(range(model.cfg.n_layers))
+    assert saved["done"].all()
     # An interrupted run that finished layer 0 only (marked by a sentinel): the rerun keeps
     # layer 0 as saved and computes the rest.
     partial = torch.zeros_like(saved["values"])
     partial[0] = 123.0
+    done = torch.zeros_like(saved["done"])
+    done[0] = True
     (tmp_path / "b").mkdir()
-    torch.save({"values": partial, "done_layers": [0]}, tmp_path / "b" / "resid.pt")
+    torch.save({"values": partial, "done": done}, tmp_path / "b" / "resid.pt")
     resumed = exact_patching(model, clean, corrupt, metric, ["resid"], progress=False,
                              checkpoint=tmp_path / "b")
     assert (resumed["resid"].values[0] == 123.0).all()
     torch.testing.assert_close(resumed["resid"].values[1:], full["resid"].values[1:])
+    # checkpoints written before they were per site list whole layers
+    (tmp_path / "c").mkdir()
+    torch.save({"values": partial, "done_layers": [0]}, tmp_path / "c" / "resid.pt")
+    resumed = exact_patching(model, clean, corrupt, metric, ["resid"], progress=False,
+                             checkpoint=tmp_path / "c")
+    assert (resumed["resid"].values[0] == 123.0).all()
+    torch.testing.assert_close(resumed["resid"].values[1:], full["resid"].values[1:])
+
+
+def test_an_interrupted_run_loses_nothing_already_computed(tmp_path, monkeypatch):
+    """Interrupt the third wave of patched runs; the rerun runs only the waves not saved."""
+    from interp.attribution import patching
+
+    model = models.load("tiny-llama")
+    clean, corrupt, metric = _tiny_pairs(model)
+    real, calls, stop_at = patching._run_wave, [], [3]
+
+    class Interrupted(Exception):
+        pass
+
+    def counted(*args, **kwargs):
+        calls.append(args[4])  # the wave's layers
+        if len(calls) == stop_at[0]:
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(patching, "_run_wave", counted)
+
+    def run(**kw):
+        calls.clear()
+        return exact_patching(model, clean, corrupt, metric, ["resid"], progress=False,
+                              call_cost=0.0, **kw)  # call_cost 0: a chunk per position, many waves
+
+    with pytest.raises(Interrupted):
+        run(checkpoint=tmp_path)
+    stop_at[0] = -1
+    resumed = run(checkpoint=tmp_path)
+    n_resumed = len(calls)
+    full = run()
+    assert len(calls) > 3 and n_resumed == len(calls) - 2
+    torch.testing.assert_close(resumed["resid"].values, full["resid"].values)
