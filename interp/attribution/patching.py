@@ -332,9 +332,11 @@ def _waves(layers: list[int], n_sites: int, max_sites: int) -> list[list[int]]:
 
 def _block_calls(layers: list[int], n_sites: int, max_sites: int, n_layers: int) -> int:
     """How many block calls the waves of `n_sites` sites (in chunks of `max_sites`) make."""
+    def calls(size: int) -> int:
+        return sum(n_layers - wave[0] for wave in _waves(layers, size, max_sites)) if size else 0
+
     full, rest = divmod(n_sites, max_sites)
-    sizes = [max_sites] * full + ([rest] if rest else [])
-    return sum(n_layers - wave[0] for size in sizes for wave in _waves(layers, size, max_sites))
+    return full * calls(max_sites) + calls(rest)
 
 
 def _load_checkpoint(saved: Path | None, n_layers: int, n_sites: int) -> tuple[Tensor, Tensor]:
