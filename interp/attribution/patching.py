@@ -324,9 +324,9 @@ def _chunks(
 
 
 def _waves(layers: list[int], n_sites: int, max_sites: int) -> list[list[int]]:
-    """Consecutive layers whose patched runs of `n_sites` sites share one pass (`_run_wave`),
+    """Layers, in order, whose patched runs of `n_sites` sites share one pass (`_run_wave`),
     as many as keep the rows of the last block call within `max_sites` sites."""
-    per_wave = max(1, max_sites // n_sites)
+    layers, per_wave = sorted(layers), max(1, max_sites // n_sites)
     return [layers[k:k + per_wave] for k in range(0, len(layers), per_wave)]
 
 
