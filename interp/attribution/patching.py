@@ -131,7 +131,7 @@ def exact_patching(
         run = _target_run(model, target, metric)
         names = {f.hook_name(layer) for f in fams for layer in f.layer_list(model)}
         _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
-        p_first = _first_difference(target, source) if skip_prefix else 0
+        p_first = _first_difference(target, source) if skip_prefix else None
 
         max_sites = _sites_per_chunk(model, n_pos, batch, memory_gb)
         shapes = {f.name: f.site_shape(source_cache[f.hook_name(f.layer_list(model)[0])].shape)
@@ -285,22 +285,22 @@ def _patched_metric(
 
 
 def _chunks(
-    fam: SiteFamily, shape: tuple[int, ...], batch: int, max_sites: int, p_first: int,
+    fam: SiteFamily, shape: tuple[int, ...], batch: int, max_sites: int, p_first: int | None,
     call_cost: float, layers: list[int], n_layers: int,
 ) -> list[tuple[Tensor, int]]:
     """The sites of one layer in chunks, each with the first position `p0` it must compute.
 
-    Every layer of the family uses the same chunks. Without a position axis every chunk
-    starts at `p_first` (where the two token batches first differ) and chunks are as large
-    as memory allows. With a position axis, positions before `p_first` get no chunk (their
+    Every layer of the family uses the same chunks. With `p_first` None (`skip_prefix` off)
+    or without a position axis, every chunk starts at `p_first` (where the two token batches
+    first differ; 0 when None) and chunks are as large as memory allows. With a position axis, positions before `p_first` get no chunk (their
     effect is exactly zero), the others are grouped into consecutive runs (site order is
     position-major), and the grouping minimises `block calls * call_cost + sum(rows *
     positions)` over all layers by dynamic programming: small groups skip more positions,
     large groups make fewer calls.
     """
     n_sites = math.prod(shape)
-    if fam.axes[0] != "pos":
-        return [(torch.arange(lo, min(lo + max_sites, n_sites)), p_first)
+    if p_first is None or fam.axes[0] != "pos":
+        return [(torch.arange(lo, min(lo + max_sites, n_sites)), p_first or 0)
                 for lo in range(0, n_sites, max_sites)]
     n_pos, per_pos = shape[0], n_sites // shape[0]
     blocks_per_site = sum(n_layers - layer for layer in layers)

@@ -72,6 +72,24 @@ def test_chunking_does_not_change_results():
         assert torch.allclose(big[fam].values, small[fam].values, atol=1e-5)
 
 
+def test_skip_prefix_off_runs_every_position_with_the_same_results(monkeypatch):
+    from interp.attribution import patching
+
+    model = models.load("tiny-llama")
+    clean, corrupt, metric = _tiny_pairs(model)  # first difference at position 2
+    fams = ["resid", "heads"]
+    real, starts = patching._run_wave, []
+    monkeypatch.setattr(patching, "_run_wave", lambda *a, **k: starts.append(a[7]) or real(*a, **k))
+    fast = exact_patching(model, clean, corrupt, metric, fams, progress=False, call_cost=0.0)
+    assert min(starts) == 2 and max(starts) > 2
+    starts.clear()
+    full = exact_patching(model, clean, corrupt, metric, fams, progress=False, call_cost=0.0,
+                          skip_prefix=False)
+    assert set(starts) == {0}
+    for fam in fams:
+        torch.testing.assert_close(full[fam].values, fast[fam].values, atol=1e-5, rtol=0)
+
+
 def test_right_padded_prompts_of_different_lengths_equal_separate_runs():
     """A batch of a 7-token and a 5-token prompt (right-padded, `end_pos` set) scores each site
     as the mean of the two prompts patched separately; pad positions of the short prompt add 0."""
