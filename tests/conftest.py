@@ -3,6 +3,8 @@ a GGUF file takes 20-70 s on 2 cores); converted HookedTransformers come from in
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -31,6 +33,24 @@ def default_model():
     model = models.load(models.DEFAULT_MODEL, device="cpu")
     yield model
     model.reset_hooks()
+
+
+@pytest.fixture(scope="session")
+def load_or_skip():
+    """`load_or_skip(name, **kwargs)`: `models.load(name, **kwargs)`, or skip the test when the
+    model cannot be loaded here (an optional model package not installed). Under CI
+    (`CI=true` in the environment) the failure fails the test instead: there every model the
+    suite names must load, and a silent skip would hide a broken install."""
+
+    def load(name: str, **kwargs):
+        try:
+            return models.load(name, **kwargs)
+        except models.ModelLoadError as err:
+            if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+                pytest.fail(f"{name} cannot be loaded under CI (CI=true): {err}")
+            pytest.skip(f"{name} not available: {err}")
+
+    return load
 
 
 @pytest.fixture(autouse=True)
@@ -67,3 +87,38 @@ def linear_model() -> HookedTransformer:
                       block.mlp.W_in, block.mlp.b_in):
                 p.zero_()
     return model.eval()
+
+
+@pytest.fixture
+def device() -> str:
+    """`"cuda"` for the tests marked `cuda`; the test is skipped where torch sees no CUDA GPU
+    (a CPU-only torch build, or no driver)."""
+    if not torch.cuda.is_available():
+        pytest.skip(f"no CUDA GPU visible to torch {torch.__version__} "
+                    f"(built with CUDA {torch.version.cuda or 'none'})")
+    return "cuda"
+
+
+def write_tiny_chat_model(path, tokenizer, n_layers: int = 4, seed: int = 0):
+    """Save a random-initialised Llama (d_model 64, `n_layers` layers, 4 heads, 2 KV heads) with
+    `tokenizer` (and its chat template) as a local Hugging Face directory that `models.load(path)`
+    reads. End-to-end runs of the studies need a real tokenizer (single-token names, a chat
+    template) but not a trained model; this one converts in about a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory, default_model):
+    """A local HF directory holding a tiny random Llama with the default model's tokenizer
+    (`write_tiny_chat_model`); pass `str(tiny_chat_model_dir)` as `--model`."""
+    return write_tiny_chat_model(tmp_path_factory.mktemp("models") / "tiny-chat",
+                                 default_model.tokenizer)

@@ -36,6 +36,8 @@ prompt's `end_pos`. With causal attention the padding never reaches a prompt's p
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 from functools import partial
 from pathlib import Path
@@ -118,8 +120,16 @@ def exact_patching(
             call costs about as much as 50-100 row-positions).
         checkpoint: a directory; each family's finished sites are saved there after every
             wave of patched runs (`<family>.pt`) and skipped when the same call runs again,
-            so an interrupted run loses at most one wave. The caller keeps one directory per
-            setting (model, tokens, metric, direction): nothing here checks that they match.
+            so an interrupted run loses at most one wave. Each file carries a fingerprint of
+            what its values depend on (`checkpoint_fingerprint`: model name and weights, model
+            config, tokens, metric, direction, site family); a file whose fingerprint differs
+            from this call's, or that has none, is refused with a `StaleCheckpointError`
+            naming the fields that differ. `memory_gb`, `call_cost` and `skip_prefix` only
+            change how the runs are batched (the values agree to rounding), so a run may
+            resume with other values of them.
+
+    Raises:
+        StaleCheckpointError: `checkpoint` holds a file made with other settings.
     """
     check_pairs(clean_tokens, corrupt_tokens, metric)
     target, source = targets(clean_tokens, corrupt_tokens, direction)
@@ -127,6 +137,7 @@ def exact_patching(
     target, source = target.to(device), source.to(device)
     fams = families(site_families)
     batch, n_pos = target.shape
+    weights = weights_digest(model) if checkpoint is not None else None  # once, for all families
     with torch.no_grad(), inference_layout(model):  # spares TransformerLens's per-call weight copies
         run = _target_run(model, target, metric)
         names = {f.hook_name(layer) for f in fams for layer in f.layer_list(model)}
@@ -141,8 +152,12 @@ def exact_patching(
         results = {}
         for fam in fams:
             shape, layers = shapes[fam.name], fam.layer_list(model)
-            saved = Path(checkpoint) / f"{fam.name}.pt" if checkpoint is not None else None
-            values, done = _load_checkpoint(saved, len(layers), math.prod(shape))
+            saved, stamp = None, None
+            if checkpoint is not None:
+                saved = Path(checkpoint) / f"{fam.name}.pt"
+                stamp = checkpoint_fingerprint(model, clean_tokens, corrupt_tokens, metric, fam,
+                                               direction, weights=weights)
+            values, done = _load_checkpoint(saved, stamp, len(layers), math.prod(shape))
             chunks = _chunks(fam, shape, batch, max_sites, p_first, call_cost, layers,
                              model.cfg.n_layers)
             unpatched = torch.ones_like(done)  # sites no chunk covers: positions before p_first
@@ -160,7 +175,7 @@ def exact_patching(
                         done[row, sites] = True
                     bar.update(len(wave) * len(sites))
                     if saved is not None:
-                        _save_checkpoint(saved, values, done)
+                        _save_checkpoint(saved, values, done, stamp)
             results[fam.name] = Scores(
                 family=fam.name, method="exact", values=values.view(len(layers), *shape),
                 dims=fam.dims, labels=default_labels(model, fam, target, shape),
@@ -339,23 +354,124 @@ def _block_calls(layers: list[int], n_sites: int, max_sites: int, n_layers: int)
     return full * calls(max_sites) + calls(rest)
 
 
-def _load_checkpoint(saved: Path | None, n_layers: int, n_sites: int) -> tuple[Tensor, Tensor]:
-    """`values [layer, site]` and which of them are `done`, from a checkpoint if there is one."""
+class StaleCheckpointError(ValueError):
+    """A checkpoint file was made with other settings than the call that would resume it."""
+
+
+#: Config fields that change a model's outputs without changing its parameters' names, shapes or
+#: values (sizes are covered by the parameter shapes in `weights_digest`).
+FINGERPRINT_CONFIG_FIELDS = (
+    "model_name", "dtype", "act_fn", "normalization_type", "positional_embedding_type",
+    "rotary_dim", "rotary_base", "rotary_adjacent_pairs", "use_NTK_by_parts_rope",
+    "NTK_by_parts_factor", "eps", "use_attn_scale", "attn_scale", "use_qk_norm",
+    "attn_scores_soft_cap", "output_logits_soft_cap", "use_local_attn", "window_size",
+    "attn_types", "original_architecture", "gated_mlp", "final_rms", "parallel_attn_mlp",
+    "attention_dir", "use_normalization_before_and_after", "post_embedding_ln",
+)
+
+
+def weights_digest(model: HookedTransformer) -> str:
+    """SHA-256 over every parameter's name, dtype, shape and bytes (in `named_parameters` order).
+
+    Exact (any changed weight changes it) and independent of memory layout (each tensor is
+    hashed in its contiguous form, so `layout.inference_layout` does not change it). Cost: one
+    SHA-256 pass over the weights, a second or two per GB on a CPU (plus the copy to the CPU
+    for a model on an accelerator), small beside the patched runs a checkpoint is for;
+    `exact_patching` computes it once per call, and only when given a checkpoint. (A sum of
+    the weights would be cheaper but misses edits that keep it, e.g. permuted neurons.)
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            tensor = param.detach().cpu().contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _digest_value(value: object) -> str:
+    """A short stable digest of a tensor (dtype, shape, bytes) or of another value's repr."""
+    digest = hashlib.sha256()
+    if isinstance(value, Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    else:
+        digest.update(repr(value).encode())
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_fingerprint(
+    model: HookedTransformer,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupt_tokens: Int[Tensor, "batch pos"],
+    metric: LogitDiff,
+    fam: SiteFamily,
+    direction: Direction,
+    weights: str | None = None,
+) -> dict[str, str]:
+    """What the values in a checkpoint of `exact_patching` depend on, field by field.
+
+    Fields: `model` (its config's `model_name`), `weights` (`weights_digest`), `config` (the
+    `FINGERPRINT_CONFIG_FIELDS` of `model.cfg`), `clean_tokens`, `corrupt_tokens` (their
+    bytes), `metric` (its class and each field: tensors by their bytes, other values by repr),
+    `direction`, `family` (the `SiteFamily`: hook, axes, layers). Values are short hex digests
+    or plain strings; a mismatch is reported per field.
+
+    Args:
+        weights: a precomputed `weights_digest(model)` (it is the expensive part).
+    """
+    cfg = model.cfg
+    config = {k: repr(getattr(cfg, k, None)) for k in FINGERPRINT_CONFIG_FIELDS}
+    if dataclasses.is_dataclass(metric):
+        parts = {f.name: getattr(metric, f.name) for f in dataclasses.fields(metric)}
+    else:
+        parts = dict(vars(metric)) if hasattr(metric, "__dict__") else {"repr": repr(metric)}
+    metric_digest = _digest_value(
+        [type(metric).__qualname__] + [(k, _digest_value(v)) for k, v in sorted(parts.items())])
+    return {
+        "model": str(cfg.model_name),
+        "weights": weights if weights is not None else weights_digest(model),
+        "config": _digest_value(sorted(config.items())),
+        "clean_tokens": _digest_value(clean_tokens.long()),
+        "corrupt_tokens": _digest_value(corrupt_tokens.long()),
+        "metric": f"{type(metric).__name__}:{metric_digest}",
+        "direction": str(direction),
+        "family": _digest_value(dataclasses.astuple(fam)),
+    }
+
+
+def _load_checkpoint(
+    saved: Path | None, stamp: dict[str, str] | None, n_layers: int, n_sites: int
+) -> tuple[Tensor, Tensor]:
+    """`values [layer, site]` and which of them are `done`, from a checkpoint if there is one
+    whose fingerprint equals `stamp` (a `StaleCheckpointError` otherwise)."""
     values = torch.zeros(n_layers, n_sites)
     done = torch.zeros(n_layers, n_sites, dtype=torch.bool)
-    if saved is not None and saved.exists():
-        state = torch.load(saved)
-        values = state["values"]
-        if "done" in state:
-            done = state["done"]
-        else:  # written before checkpoints were per site: whole layers
-            done[state["done_layers"]] = True
-    return values, done
+    if saved is None or not saved.exists():
+        return values, done
+    state = torch.load(saved)
+    how = (f"Delete {saved} (or its directory) to start afresh, or pass another `checkpoint` "
+           "directory for these settings.")
+    found = state.get("fingerprint")
+    if found is None:
+        raise StaleCheckpointError(
+            f"checkpoint {saved} has no fingerprint (written by an older version of interp), so "
+            f"nothing says it was made with this model, tokens, metric and direction. {how}"
+        )
+    differ = [k for k in sorted({*found, *stamp}) if found.get(k) != stamp.get(k)]
+    if differ:
+        detail = "; ".join(f"{k}: saved {found.get(k)!r}, now {stamp.get(k)!r}" for k in differ)
+        raise StaleCheckpointError(
+            f"checkpoint {saved} was made with other settings ({', '.join(differ)} differ: "
+            f"{detail}). {how}"
+        )
+    return state["values"], state["done"]
 
 
-def _save_checkpoint(saved: Path, values: Tensor, done: Tensor) -> None:
+def _save_checkpoint(saved: Path, values: Tensor, done: Tensor, stamp: dict[str, str]) -> None:
     saved.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"values": values, "done": done}, saved.with_suffix(".tmp"))
+    torch.save({"values": values, "done": done, "fingerprint": stamp}, saved.with_suffix(".tmp"))
     saved.with_suffix(".tmp").replace(saved)
 
 

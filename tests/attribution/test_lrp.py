@@ -104,11 +104,8 @@ def test_forward_bit_identical_default_model(default_model):
     assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
 
 
-def test_gemma_every_norm_gets_the_ln_rule():
-    try:
-        model = models.load("gemma-3-270m", device="cpu")
-    except models.ModelLoadError as err:
-        pytest.skip(f"gemma-3-270m not available: {err}")
+def test_gemma_every_norm_gets_the_ln_rule(load_or_skip):
+    model = load_or_skip("gemma-3-270m", device="cpu")
     scales = {n for n in model.hook_dict if n.endswith("hook_scale")}
     assert any("q_norm" in n for n in scales) and any("ln2_post" in n for n in scales)
     ctx = lrp_rules(model, LRPRules.attnlrp())

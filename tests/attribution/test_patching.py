@@ -10,7 +10,7 @@ from transformer_lens import patching as tl_patching
 
 from interp import models
 from interp.attribution.metrics import LogitDiff, final_columns
-from interp.attribution.patching import exact_patching
+from interp.attribution.patching import StaleCheckpointError, exact_patching
 
 TL_FUNCTIONS = {
     "resid": tl_patching.get_act_patch_resid_pre,
@@ -113,18 +113,62 @@ def test_right_padded_prompts_of_different_lengths_equal_separate_runs():
     assert both["resid"].values.abs().max() > 0.05
 
 
-def test_patching_everything_at_layer_0_gives_the_source_run():
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_patching_everything_at_layer_0_gives_the_source_run(direction, last_logit_diff):
+    """Clean and corrupt differ at position 2 only, so the residual stream entering layer 0 (the
+    embeddings) differs there only: patching resid_pre at layer 0, position 2 patches it at every
+    position, and the patched run is the source run. Its score must be metric(source) -
+    metric(target), both from plain forward passes (raw logit difference: the expected value is
+    not 1 by normalisation)."""
     model = models.load("tiny-gpt2")
     clean, corrupt, metric = _tiny_pairs(model)
-    ours = exact_patching(model, clean, corrupt, metric, ["resid"], progress=False)
-    # resid_pre at layer 0 at the only positions that differ (2 and 4) carries all the difference
-    # when patched together; singly each moves part of it. Check the scale: clean = 1, corrupt = 0.
-    assert ours["resid"].baseline == pytest.approx(0.0, abs=1e-5)
+    corrupt[:, 4] = clean[:, 4]
+    raw = LogitDiff(metric.answer_ids, metric.wrong_ids)
+    ours = exact_patching(model, clean, corrupt, raw, ["resid"], direction=direction, progress=False)
+    target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    name = "blocks.0.hook_resid_pre"
     with torch.no_grad():
-        assert metric(model(clean)).mean().item() == pytest.approx(1.0, abs=1e-5)
-    # positions whose tokens are equal in clean and corrupt have exactly zero effect at layer 0
-    same = [p for p in range(clean.shape[1]) if p not in (2, 4)]
+        source_logits, source_cache = model.run_with_cache(source, names_filter=name)
+        target_logits, target_cache = model.run_with_cache(target, names_filter=name)
+    same = [p for p in range(clean.shape[1]) if p != 2]
+    assert torch.equal(source_cache[name][:, same], target_cache[name][:, same])
+    target_metric = last_logit_diff(target_logits, raw)
+    expected = (last_logit_diff(source_logits, raw) - target_metric).mean().item()
+    assert abs(expected) > 1e-2  # the corruption matters (rounding is ~1e-6)
+    assert ours["resid"].baseline == pytest.approx(target_metric.mean().item(), abs=1e-5)
+    assert ours["resid"].values[0, 2].item() == pytest.approx(expected, abs=1e-5)
+    # patching a position whose embedding is the same in both runs changes nothing
     assert ours["resid"].values[0, same].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_neurons_equal_transformer_lens_generic_patching(name, direction):
+    """MLP neurons (`mlp.hook_post`, all positions; 24 random ones per layer, as TL runs one
+    forward pass per neuron) against TransformerLens's `generic_activation_patch`: its
+    `layer_head_vector_patch_setter` patches `act[:, :, index]`, which for `post`
+    (batch pos d_mlp) is one neuron at every position."""
+    import pandas as pd
+
+    model = models.load(name)
+    clean, corrupt, metric = _tiny_pairs(model)
+    ours = exact_patching(model, clean, corrupt, metric, ["neurons"], direction=direction,
+                          progress=False)["neurons"]
+    target, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    _, source_cache = model.run_with_cache(source)
+    n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
+    gen = torch.Generator().manual_seed(1)
+    sites = torch.tensor([(layer, int(n)) for layer in range(n_layers)
+                          for n in torch.randperm(d_mlp, generator=gen)[:24]])
+    index = pd.DataFrame(sites.tolist(), columns=["layer", "head"])
+    theirs = tl_patching.generic_activation_patch(
+        model, target, source_cache, lambda logits: metric(logits).mean(),
+        tl_patching.layer_head_vector_patch_setter, "post", index_df=index)
+    assert ours.values.shape == (n_layers, d_mlp)
+    mine = ours.values[sites[:, 0], sites[:, 1]] + ours.baseline
+    diff = (mine - theirs.cpu()).abs().max().item()
+    assert diff <= 1e-4, f"neurons {direction}: max |diff| {diff}"
+    assert (mine - ours.baseline).abs().max() > 1e-2  # not a comparison of zeros
 
 
 def test_final_columns_equal_full_logits():
@@ -195,18 +239,56 @@ def test_checkpoint_resumes_finished_sites(tmp_path):
     done = torch.zeros_like(saved["done"])
     done[0] = True
     (tmp_path / "b").mkdir()
-    torch.save({"values": partial, "done": done}, tmp_path / "b" / "resid.pt")
+    torch.save({**saved, "values": partial, "done": done}, tmp_path / "b" / "resid.pt")
     resumed = exact_patching(model, clean, corrupt, metric, ["resid"], progress=False,
-                             checkpoint=tmp_path / "b")
+                             checkpoint=tmp_path / "b", memory_gb=1e-9)  # batching may change
     assert (resumed["resid"].values[0] == 123.0).all()
     torch.testing.assert_close(resumed["resid"].values[1:], full["resid"].values[1:])
-    # checkpoints written before they were per site list whole layers
+    # a file without a fingerprint (older checkpoints) is refused, not trusted
     (tmp_path / "c").mkdir()
-    torch.save({"values": partial, "done_layers": [0]}, tmp_path / "c" / "resid.pt")
-    resumed = exact_patching(model, clean, corrupt, metric, ["resid"], progress=False,
-                             checkpoint=tmp_path / "c")
-    assert (resumed["resid"].values[0] == 123.0).all()
-    torch.testing.assert_close(resumed["resid"].values[1:], full["resid"].values[1:])
+    torch.save({"values": partial, "done": done}, tmp_path / "c" / "resid.pt")
+    with pytest.raises(StaleCheckpointError, match=r"no fingerprint.*Delete .*resid\.pt"):
+        exact_patching(model, clean, corrupt, metric, ["resid"], progress=False,
+                       checkpoint=tmp_path / "c")
+
+
+def test_a_checkpoint_made_with_other_settings_is_refused(tmp_path, monkeypatch):
+    """Other tokens, direction, metric, weights or site family: refused, naming the field."""
+    from interp.attribution import patching
+    from interp.attribution.sites import SiteFamily
+
+    model = models.load("tiny-llama")
+    clean, corrupt, metric = _tiny_pairs(model)
+    fams = ["resid", "heads"]
+    first = exact_patching(model, clean, corrupt, metric, fams, progress=False, checkpoint=tmp_path)
+    other_tokens = corrupt.clone()
+    other_tokens[:, 5] = (other_tokens[:, 5] + 1) % model.cfg.d_vocab
+    other_model = models.load("tiny-llama")
+    with torch.no_grad():
+        other_model.blocks[1].mlp.W_out[0, 0] += 1e-3
+    other_resid = SiteFamily("resid", "blocks.{L}.hook_resid_mid", ("pos",),
+                             ("batch", "pos", "d_model"))
+    cases = {
+        "corrupt_tokens": {"corrupt_tokens": other_tokens},
+        "direction": {"direction": "noise"},
+        "metric": {"metric": replace(metric, clean=metric.clean + 0.5)},
+        "weights": {"model": other_model},
+        "family": {"site_families": [other_resid]},
+    }
+    base = {"model": model, "clean_tokens": clean, "corrupt_tokens": corrupt, "metric": metric,
+            "site_families": fams}
+    for field, change in cases.items():
+        with pytest.raises(StaleCheckpointError,
+                           match=rf"other settings \({field} differ.*Delete .*resid\.pt"):
+            exact_patching(**{**base, **change}, progress=False, checkpoint=tmp_path)
+    wrong_ids = replace(metric, wrong_ids=(metric.wrong_ids + 1) % model.cfg.d_vocab)
+    with pytest.raises(StaleCheckpointError, match=r"\(metric differ"):
+        exact_patching(**{**base, "metric": wrong_ids}, progress=False, checkpoint=tmp_path)
+    # the same settings resume: nothing is recomputed, the values are the saved ones
+    monkeypatch.setattr(patching, "_run_wave", lambda *a, **k: pytest.fail("recomputed"))
+    again = exact_patching(**base, progress=False, checkpoint=tmp_path, call_cost=0.0)
+    for fam in fams:
+        assert torch.equal(again[fam].values, first[fam].values)
 
 
 def test_an_interrupted_run_loses_nothing_already_computed(tmp_path, monkeypatch):

@@ -72,6 +72,30 @@ def _no_grad():
         yield
 
 
+def _ablation_hooks(model, direction):
+    """Hand-written TL hooks projecting `direction` out of every residual write."""
+    u = direction / direction.norm()
+
+    def remove(act, hook):
+        return act - (act @ u)[..., None] * u
+
+    return [(f"blocks.{layer}.hook_{h}", remove) for layer in range(model.cfg.n_layers)
+            for h in ("resid_pre", "attn_out", "mlp_out")]
+
+
+def _independent_kl(model, prompts, direction):
+    """Mean KL(plain || ablated) of the next-token distribution, each prompt unpadded, from
+    two plain forward passes (the ablation by `_ablation_hooks`)."""
+    kls = []
+    for prompt in prompts:
+        tokens = torch.tensor([prompt])
+        p = model(tokens)[0, -1].double().log_softmax(-1)
+        q = model.run_with_hooks(tokens, fwd_hooks=_ablation_hooks(model, direction))[0, -1]
+        q = q.double().log_softmax(-1)
+        kls.append((p.exp() * (p - q)).sum())
+    return torch.stack(kls).mean().item()
+
+
 def _independent_score(model, prompt, fwd_hooks=()):
     """log(p / (1 - p)) of REFUSE, one unpadded prompt, plain forward pass."""
     logits = model.run_with_hooks(torch.tensor([prompt]), fwd_hooks=list(fwd_hooks))[0, -1]
@@ -91,13 +115,7 @@ def test_refusal_scores_are_log_odds_of_the_refusal_tokens(planted):
     expected = torch.tensor([_independent_score(model, p) for p in prompts])
     assert torch.allclose(scores, expected, atol=1e-3)
     # With a hook: ablating d with a hand-written TL hook at every residual write.
-    u = d.clone()
-
-    def remove(act, hook):
-        return act - (act @ u)[..., None] * u
-
-    fwd = [(f"blocks.{layer}.hook_{h}", remove) for layer in range(model.cfg.n_layers)
-           for h in ("resid_pre", "attn_out", "mlp_out")]
+    fwd = _ablation_hooks(model, d)
     ablated = R.refusal_scores(model, prompts, [REFUSE], hooks.ablate_direction(model, d))
     assert torch.allclose(ablated, torch.tensor([_independent_score(model, p, fwd)
                                                  for p in prompts]), atol=1e-3)
@@ -174,11 +192,15 @@ def test_the_planted_refusal_direction_is_found(planted):
 def test_selection_takes_the_lowest_bypass_among_eligible_candidates(planted):
     model, d, data = planted
     cands = R.candidate_directions(model, data["harmful_train"], data["harmless_train"], 3)
-    # A decoy at position -1: d plus a large component along a random direction, so that its
-    # ablation disturbs harmless prompts (high KL) while bypassing refusal just as well.
-    decoy = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(5))
+    # A decoy at position -1: the planted d plus half its length along the mean harmless
+    # activation there, so that its ablation bypasses refusal best of all candidates while it
+    # disturbs harmless prompts (KL above the threshold).
+    name = "blocks.1.hook_resid_pre"
+    mean = torch.stack([model.run_with_cache(torch.tensor([p]), names_filter=name)[1][name][0, -1]
+                        for p in data["harmless_train"]]).mean(0)
+    along = F.normalize(mean - (mean @ d) * d, dim=0)
     cands = cands.clone()
-    cands[2, 1] = cands[2, 1] + 3.0 * decoy / decoy.norm() * cands[2, 1].norm()
+    cands[2, 1] = (d + 0.5 * along) * cands[2, 1].norm()
     found = R.select_direction(model, cands, data["harmful_val"], data["harmless_val"],
                                [REFUSE], prune_last=0.0)
     s = found.scores
@@ -187,7 +209,19 @@ def test_selection_takes_the_lowest_bypass_among_eligible_candidates(planted):
     assert torch.equal(s.eligible, expected)
     best = torch.where(s.eligible, s.bypass, torch.tensor(float("inf"))).min()
     assert s.bypass[found.position + 3, found.layer] == best
-    assert found.position != -1 or bool(s.eligible[2, 1])
+    # The decoy has the lowest bypass of all and induces refusal, but its KL makes it
+    # ineligible, so it is not chosen. Both KLs are recomputed by hand.
+    assert s.bypass[2, 1] < best and s.induce[2, 1] > 0.0
+    assert s.kl[2, 1] > 0.1 and not bool(s.eligible[2, 1])
+    assert (found.position, found.layer) != (-1, 1)
+    winner = found.position + 3, found.layer
+    for where in ((2, 1), winner):
+        assert s.kl[where].item() == pytest.approx(
+            _independent_kl(model, data["harmless_val"], cands[where]), rel=1e-3, abs=1e-5)
+    # Without the KL filter the decoy wins.
+    unfiltered = R.select_direction(model, cands, data["harmful_val"], data["harmless_val"],
+                                    [REFUSE], prune_last=0.0, kl_threshold=None)
+    assert (unfiltered.position, unfiltered.layer) == (-1, 1)
     # Nothing passes an impossible KL threshold: the best bypass is taken, with a warning.
     with pytest.warns(UserWarning, match="no candidate refusal direction passed"):
         loose = R.select_direction(model, cands, data["harmful_val"], data["harmless_val"],

@@ -17,19 +17,25 @@ from interp.saes.circuits import (
     latent_families,
     top_nodes,
 )
-from tests.saes.conftest import random_topk_sae
 
 HOOKS = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.hook_attn_out")
 
 
-def _attach_random(model, hooks=HOOKS):
-    d = model.cfg.d_model
-    return attach(model, {h: random_topk_sae(d, 2 * d, k=6, hook_name=h, seed=i)
-                          for i, h in enumerate(hooks)}, skip_first=0)
+@pytest.fixture
+def attach_random(make_topk_sae):
+    """`attach_random(model, hooks=HOOKS)`: random TopK SAEs (2 x d_model latents, k = 6, a
+    seed per hook) attached at `hooks`, as a context manager."""
+
+    def attach_to(model, hooks=HOOKS):
+        d = model.cfg.d_model
+        return attach(model, {h: make_topk_sae(d, 2 * d, k=6, hook_name=h, seed=i)
+                              for i, h in enumerate(hooks)}, skip_first=0)
+
+    return attach_to
 
 
-def test_latent_families_group_saes_by_kind_of_hook(linear_model):
-    with _attach_random(linear_model):
+def test_latent_families_group_saes_by_kind_of_hook(linear_model, attach_random):
+    with attach_random(linear_model):
         fams = {f.name: f for f in latent_families(linear_model)}
         assert set(fams) == {"latents_resid_pre", "errors_resid_pre", "latents_attn_out",
                              "errors_attn_out"}
@@ -42,11 +48,12 @@ def test_latent_families_group_saes_by_kind_of_hook(linear_model):
         latent_families(linear_model)
 
 
-def test_attribution_over_latents_equals_exact_ablation_where_linear(linear_model, random_pairs):
+def test_attribution_over_latents_equals_exact_ablation_where_linear(linear_model, random_pairs,
+                                                                    attach_random):
     """Past the SAE encoders the linear model is affine in the latents and error nodes, so AtP,
     IG (both paths) and RelP over them equal exact patching, latent by latent."""
     clean, corrupt, metric = random_pairs(linear_model)
-    with _attach_random(linear_model):
+    with attach_random(linear_model):
         fams = latent_families(linear_model)
         exact = exact_patching(linear_model, clean, corrupt, metric, fams, progress=False)
         methods = {
@@ -66,14 +73,14 @@ def test_attribution_over_latents_equals_exact_ablation_where_linear(linear_mode
                                        msg=f"{name} on {fam.name}")
 
 
-def test_exact_latent_patching_is_not_linear_on_a_real_model(random_pairs):
+def test_exact_latent_patching_is_not_linear_on_a_real_model(random_pairs, attach_random):
     """The same comparison on tiny-llama (norms, gated MLPs) must show a gap, or the test above
     could not tell AtP from exact patching."""
     from interp import models
 
     model = models.load("tiny-llama")
     clean, corrupt, metric = random_pairs(model)
-    with _attach_random(model, ("blocks.1.hook_resid_pre",)):
+    with attach_random(model, ("blocks.1.hook_resid_pre",)):
         fams = latent_families(model, error=False)
         exact = exact_patching(model, clean, corrupt, metric, fams, progress=False)
         atp = attribution_patching(model, clean, corrupt, metric, fams)
@@ -93,13 +100,13 @@ def test_top_nodes_ranks_all_families_together():
     assert sum(m.sum() for m in top_nodes({"a": a, "b": b}, 99).values()) == 6
 
 
-def test_faithfulness_is_additive_on_a_linear_model(linear_model, random_pairs):
+def test_faithfulness_is_additive_on_a_linear_model(linear_model, random_pairs, attach_random):
     """With one SAE the model is affine in its nodes: m(C) - m(empty) is the sum of the kept
     nodes' contributions, so disjoint circuits add up, the full circuit gives 1 and the empty
     one 0. (With SAEs at several layers it is not: a kept latent downstream is recomputed by
     its encoder from an input that upstream ablations changed.)"""
     clean, corrupt, metric = random_pairs(linear_model)
-    with _attach_random(linear_model, ("blocks.1.hook_resid_pre",)):
+    with attach_random(linear_model, ("blocks.1.hook_resid_pre",)):
         fams = latent_families(linear_model)
         means = ablation_means(linear_model, torch.cat([clean, corrupt]), fams)
         atp = attribution_patching(linear_model, clean, corrupt, metric, fams, direction="noise")
@@ -121,14 +128,14 @@ def test_faithfulness_is_additive_on_a_linear_model(linear_model, random_pairs):
     assert curve.n_nodes == sum(a.values.numel() for a in atp.values())
 
 
-def test_faithfulness_keeps_the_model_when_nothing_is_ablated(random_pairs):
+def test_faithfulness_keeps_the_model_when_nothing_is_ablated(random_pairs, attach_random):
     """On tiny-llama (not linear): keeping every node reproduces the model's own metric through
     the error terms, and mean-ablating every node changes it."""
     from interp import models
 
     model = models.load("tiny-llama")
     clean, corrupt, metric = random_pairs(model)
-    with _attach_random(model, ("blocks.1.hook_resid_pre",)):
+    with attach_random(model, ("blocks.1.hook_resid_pre",)):
         fams = latent_families(model)
         means = ablation_means(model, torch.cat([clean, corrupt]), fams)
         scores = attribution_patching(model, clean, corrupt, metric, fams, direction="noise")
