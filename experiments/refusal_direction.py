@@ -1,6 +1,6 @@
 """The refusal direction (Arditi et al. 2024, arXiv 2406.11717) of a chat model, and what it does.
 
-A thin study around `interp.concepts.refusal.refusal_report`: difference-of-means candidates
+A thin study over `interp.concepts.refusal`: difference-of-means candidates
 (harmful minus harmless instructions of Arditi et al.'s splits under `../shared/data/refusal/`)
 at every layer's `resid_pre` and every post-instruction template position, selection on
 validation prompts (lowest refusal score of harmful prompts under directional ablation, among
@@ -37,99 +37,175 @@ completions, the selection scores of every candidate, the intervals, timings) an
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformer_lens import HookedTransformer
 
-from interp import models
-from interp.concepts.refusal import refusal_report
-from interp.results import write_results
-from interp.studies import StudyConfig, torch_threads
+from interp.concepts.refusal import (
+    DEFAULT_REFUSAL_STARTS,
+    RefusalDirection,
+    find_refusal_direction,
+    format_prompts,
+    load_instructions,
+    post_instruction_tokens,
+    refusal_rate,
+    refusal_scores,
+    refusal_token_ids,
+)
+from interp.judges import judge_refusal, wilson_interval
+from interp.studies import StudyConfig, StudyRun, option, options_parser, torch_threads
 
 DESCRIPTION = ("Refusal direction (Arditi et al. 2024): find it on a chat model, then measure "
                "refusal rates of harmful prompts with it ablated and harmless ones with it added.")
 CONDITIONS = ("harmful_clean", "harmful_ablated", "harmless_clean", "harmless_added")
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--n-train", type=int, default=64,
-                        help="harmful and harmless training instructions each (default 64)")
-    parser.add_argument("--n-val", type=int, default=16,
-                        help="validation instructions each, for selection (default 16)")
-    parser.add_argument("--n-test", type=int, default=32,
-                        help="test instructions each, for scores and rates (default 32)")
-    parser.add_argument("--max-new-tokens", type=int, default=48,
-                        help="greedy completion length for the refusal rate (default 48)")
-    parser.add_argument("--layers", type=int, nargs="+", default=None,
-                        help="evaluate candidates at these layers only (default: all unpruned)")
-    parser.add_argument("--kl-threshold", type=float, default=0.1)
-    parser.add_argument("--induce-threshold", type=float, default=0.0)
-    parser.add_argument("--prune-last", type=float, default=0.2)
-    parser.add_argument("--no-generate", dest="generate", action="store_false",
-                        help="refusal scores only, no completions (much faster)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for this run (default: torch's own choice)")
+@dataclass
+class Options:
+    """The study's options (the command line is built from them)."""
+
+    n_train: int = option(64, "harmful and harmless training instructions each", minimum=1)
+    n_val: int = option(16, "validation instructions each, for selection", minimum=1)
+    n_test: int = option(32, "test instructions each, for scores and rates", minimum=1)
+    max_new_tokens: int = option(48, "greedy completion length for the refusal rate", minimum=1)
+    layers: list[int] | None = option(None, "evaluate candidates at these layers only "
+                                            "(default: all unpruned)")
+    kl_threshold: float = option(0.1, "largest KL on harmless prompts under ablation")
+    induce_threshold: float = option(0.0, "harmless refusal score under addition must exceed this")
+    prune_last: float = option(0.2, "fraction of the last layers left out of selection")
+    generate: bool = option(True, "refusal scores only, no completions (much faster)",
+                            negate="--no-generate")
+    batch_size: int = option(32, "prompts per forward pass", minimum=1)
+    threads: int | None = option(None, "torch CPU threads for this run (default: torch's own)",
+                                 minimum=1)
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k/n (95% by default)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+add_arguments = options_parser(Options)
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson score 95% interval of k/n (`interp.judges.wilson_interval`)."""
+    return tuple(wilson_interval(k, n))
 
 
 def _nan_to_none(t: torch.Tensor) -> list[list[float | None]]:
     return [[None if math.isnan(v) else v for v in row] for row in t.tolist()]
 
 
-def run(config: StudyConfig, n_train: int = 64, n_val: int = 16, n_test: int = 32,
-        max_new_tokens: int = 48, layers: list[int] | None = None, kl_threshold: float = 0.1,
-        induce_threshold: float = 0.0, prune_last: float = 0.2, generate: bool = True,
-        batch_size: int = 16, threads: int | None = None) -> dict:
-    if threads is not None:  # set for this run only
-        with torch_threads(threads):
-            return run(**dict(locals(), threads=None))
-    torch.manual_seed(config.seed)
-    out = config.out_dir("refusal-direction")
-    t_start, cpu_start = time.perf_counter(), time.process_time()
-    model = models.load(config.model, device=config.device, dtype=config.dtype)
-    t_load = time.perf_counter() - t_start
-    with torch.no_grad():
-        found, report = refusal_report(
-            model, n_train=n_train, n_val=n_val, n_test=n_test, seed=config.seed,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, generate=generate,
-            layers=layers, kl_threshold=kl_threshold, induce_threshold=induce_threshold,
-            prune_last=prune_last)
+def refusal_report(
+    model: HookedTransformer,
+    study: StudyRun,
+    n_train: int = 64,
+    n_val: int = 32,
+    n_test: int = 32,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    refusal_starts: Sequence[str] = DEFAULT_REFUSAL_STARTS,
+    batch_size: int = 16,
+    generate: bool = True,
+    **select_kwargs: Any,
+) -> tuple[RefusalDirection, dict[str, Any]]:
+    """Find the refusal direction of a chat model and measure what it does, honestly.
+
+    Loads seeded subsamples of the harmful/harmless train, val and test splits, formats them
+    with the chat template, finds the direction (`find_refusal_direction`), then on the test
+    prompts measures the mean refusal score (clean, with the direction ablated on harmful
+    prompts, added on harmless ones) and, with `generate`, the generation-based refusal rate
+    of each of the four conditions, with a few example completions. The direction and each
+    condition's completions are resume units of `study`.
+
+    Returns:
+        `(direction, report)`: the `RefusalDirection`, and a JSON-friendly dict with the
+        settings, the selected layer/position and whether it passed the filters, its selection
+        scores, the test instructions, mean test refusal scores, and (with `generate`) refusal
+        rates, the per-prompt judgements behind them (`refused`), every completion
+        (`completions`) and the first three of each condition (`examples`).
+    """
+    tokens = refusal_token_ids(model, refusal_starts)
+    n_post = len(post_instruction_tokens(model))
+    data = {
+        (kind, split): format_prompts(model, load_instructions(kind, split, n, seed))
+        for kind in ("harmful", "harmless")
+        for split, n in (("train", n_train), ("val", n_val), ("test", n_test))
+    }
+    with study.timer("select"):
+        found = study.cached("direction", lambda: find_refusal_direction(
+            model, data["harmful", "train"], data["harmless", "train"], data["harmful", "val"],
+            data["harmless", "val"], tokens, n_post, batch_size=batch_size, **select_kwargs))
+    harmful, harmless = data["harmful", "test"], data["harmless", "test"]
+    ablate, add = found.ablation(model), found.addition(model)
+    prompts = {"harmful_clean": (harmful, ()), "harmful_ablated": (harmful, ablate),
+               "harmless_clean": (harmless, ()), "harmless_added": (harmless, add)}
+    with study.timer("test_scores"):
+        scores = {k: refusal_scores(model, p, tokens, h, batch_size) for k, (p, h) in prompts.items()}
+    at = found.position + n_post, found.layer
+    report: dict[str, Any] = {
+        "settings": {"n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed,
+                     "refusal_starts": list(refusal_starts), "refusal_token_ids": tokens,
+                     "n_post": n_post, "max_new_tokens": max_new_tokens, **select_kwargs},
+        "selected": {"layer": found.layer, "position": found.position,
+                     "passed_filters": found.passed_filters,
+                     "norm": float(found.direction.norm()),
+                     "bypass": float(found.scores.bypass[at]),
+                     "induce": float(found.scores.induce[at]),
+                     "kl": float(found.scores.kl[at])},
+        "val_baseline": {"harmful": found.scores.baseline_harmful,
+                         "harmless": found.scores.baseline_harmless},
+        "n_eligible": int(found.scores.eligible.sum()),
+        "test_instructions": {kind: load_instructions(kind, "test", n_test, seed)
+                              for kind in ("harmful", "harmless")},
+        "test_scores": {k: float(v.mean()) for k, v in scores.items()},
+    }
     if generate:
+        with study.timer("generate"):
+            rates = {k: study.cached(f"completions_{k}", lambda p=p, h=h: refusal_rate(
+                model, p, h, max_new_tokens, batch_size)) for k, (p, h) in prompts.items()}
+        report["refusal_rate"] = {k: r.rate for k, r in rates.items()}
+        report["refused"] = {k: r.refused for k, r in rates.items()}
+        report["completions"] = {k: r.completions for k, r in rates.items()}
+        report["examples"] = {k: r.completions[:3] for k, r in rates.items()}
         report["refusal_count"] = {k: [sum(v), len(v)] for k, v in report["refused"].items()}
         report["refusal_rate_ci95"] = {k: list(wilson(*c)) for k, c in report["refusal_count"].items()}
-    scores = found.scores
-    results = {
-        "study": "refusal-direction",
-        "config": config,
-        "n_layers": model.cfg.n_layers,
-        "report": report,
-        "selection_scores": {"bypass": _nan_to_none(scores.bypass), "induce": _nan_to_none(scores.induce),
-                             "kl": _nan_to_none(scores.kl), "eligible": scores.eligible.tolist(),
-                             "rows": "post-instruction position -n_post ... -1",
-                             "columns": "layer (resid_pre); null: not evaluated"},
-        "paper": {"source": "Arditi et al. 2024, Refusal in language models is mediated by a "
-                            "single direction (arXiv 2406.11717)",
-                  "finding": "in 13 chat models up to 72B, ablating one direction makes harmful "
-                             "requests mostly answered; adding it makes harmless ones refused"},
-        "timings_s": {"load": t_load, **report["seconds"],
-                      "total": time.perf_counter() - t_start,
-                      "total_cpu": time.process_time() - cpu_start,
-                      "threads": torch.get_num_threads()},
-    }
-    path = write_results(out, results)
+        # both judges on every completion: the phrases, and the score at the first answer token
+        report["judges"] = {}
+        for k, (p, _) in prompts.items():
+            judged = judge_refusal(rates[k].completions, scores[k].tolist(),
+                                   prompt_texts=[model.tokenizer.decode(x) for x in p])
+            judged.save(study.out / "judged" / k)
+            report["judges"][k] = judged.summary()
+    return found, report
+
+
+def run(config: StudyConfig, **options: Any) -> dict:
+    opts = Options(**options)
+    with torch_threads(opts.threads), StudyRun("refusal-direction", config, opts,
+                                               ignore=("batch_size", "threads")) as study:
+        model = study.load_model()
+        with torch.no_grad():
+            found, report = refusal_report(
+                model, study, n_train=opts.n_train, n_val=opts.n_val, n_test=opts.n_test,
+                seed=config.seed, max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size,
+                generate=opts.generate, layers=opts.layers, kl_threshold=opts.kl_threshold,
+                induce_threshold=opts.induce_threshold, prune_last=opts.prune_last)
+        scores = found.scores
+        results = study.finish({
+            "n_layers": model.cfg.n_layers,
+            "report": report,
+            "selection_scores": {"bypass": _nan_to_none(scores.bypass),
+                                 "induce": _nan_to_none(scores.induce),
+                                 "kl": _nan_to_none(scores.kl), "eligible": scores.eligible.tolist(),
+                                 "rows": "post-instruction position -n_post ... -1",
+                                 "columns": "layer (resid_pre); null: not evaluated"},
+            "paper": {"source": "Arditi et al. 2024, Refusal in language models is mediated by a "
+                                "single direction (arXiv 2406.11717)",
+                      "finding": "in 13 chat models up to 72B, ablating one direction makes "
+                                 "harmful requests mostly answered; adding it makes harmless ones "
+                                 "refused"},
+        })
     _print_table(results, config.model)
-    print(f"wrote {path}")
     return results
 
 
@@ -155,6 +231,9 @@ def _print_table(results: dict, model: str) -> None:
             line += f"{hit:>6} / {n:<3}{rates[k]:>6.2f}   [{lo:.2f}, {hi:.2f}]"
         print(line)
     if rates:
+        agree = {k: report["judges"][k]["rates"]["agreement"]["rate"] for k in CONDITIONS}
+        print("phrase judge vs refusal score > 0, agreement: "
+              + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in agree.items()))
         for k in CONDITIONS:
             example = report["examples"][k][0].replace("\n", " ")
             print(f"  {k}: {example[:110]!r}")

@@ -40,7 +40,10 @@ were computed when they were new). Two limits: in the plain-callable form (`fwd_
 `model.hooks(...)`) nothing tells the hook about the cache, so positions are relative to the
 current forward pass; and hook points outside the blocks (`hook_embed`, `ln_final.*`) always
 see offset 0. Positions are the same for every row of the batch: with left padding the same
-index means different tokens in different rows. (Separately, TransformerLens 3.9's
+index means different tokens in different rows. The one exception is a per-row
+`from_position=[start_0, start_1, ...]` (None for a row left alone), which
+`interp.generation.generate_with(..., start=...)` builds from positions within each prompt.
+(Separately, TransformerLens 3.9's
 `generate(use_past_kv_cache=True)` gives each new token the wrong learned position embedding
 on models with `positional_embedding_type="standard"` such as GPT-2, so its greedy output
 differs from repeated full forward passes there; rotary models are unaffected.)
@@ -126,6 +129,7 @@ _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
 Layers = Union[int, Sequence[int], Literal["all"], None]
 Positions = Union[int, Sequence[int], slice, Int[Tensor, " n"], None]
+FromPosition = Union[int, Sequence[Union[int, None]], Int[Tensor, " batch"], None]
 Indices = Union[int, Sequence[int], Int[Tensor, " n"], None]
 Source = Union[ActivationCache, Mapping[str, Tensor]]
 
@@ -342,21 +346,37 @@ class Selection:
             or residual-stream dimensions).
         from_position: touch every position at or after this one (an alternative to
             `positions`, which must then be None). Meant for generation: the threshold is
-            absolute, so newly generated tokens are included as they come.
+            absolute, so newly generated tokens are included as they come. Either one int for
+            every row, or a *per-row* sequence `[start_0, start_1, ...]` with one entry per
+            batch row: row `b` is touched from position `start_b` on, and a None entry leaves
+            that row untouched (a control row in the same batch). Per-row starts are positions
+            in the frame the model sees, so under left padding they include each row's pads
+            (`interp.generation` converts positions within each prompt for you); the
+            activation's batch must have as many rows as there are entries.
     """
 
     positions: Positions = None
     heads: Indices = None
     neurons: Indices = None
-    from_position: int | None = None
+    from_position: FromPosition = None
 
     def __post_init__(self) -> None:
         if self.positions is not None and self.from_position is not None:
             raise ValueError("give positions or from_position, not both")
-        if self.from_position is not None and (
-            isinstance(self.from_position, bool) or not isinstance(self.from_position, int)
-        ):
-            raise ValueError(f"from_position must be an int, got {self.from_position!r}")
+        start = self.from_position
+        if isinstance(start, Tensor):
+            if start.dtype.is_floating_point or start.dtype == torch.bool or start.ndim != 1:
+                raise ValueError("a per-row from_position tensor must be 1-D ints")
+            start = start.tolist()
+        if start is not None and not _is_int(start):
+            if not isinstance(start, Sequence) or isinstance(start, str) or not all(
+                s is None or _is_int(s) for s in start
+            ):
+                raise ValueError(
+                    "from_position must be an int or a per-row sequence of ints and Nones, got "
+                    f"{self.from_position!r}"
+                )
+            object.__setattr__(self, "from_position", tuple(start))
         if not isinstance(self.positions, slice):
             object.__setattr__(self, "positions", _as_int_tuple(self.positions, "positions"))
         object.__setattr__(self, "heads", _as_int_tuple(self.heads, "heads"))
@@ -403,7 +423,12 @@ class Selection:
             return None
         layout = _layout(name, act.ndim)
         mask = torch.ones([1] * act.ndim, dtype=torch.bool, device=act.device)
-        if self.positions is not None or self.from_position is not None:
+        if self.per_row:
+            keep = self._row_position_mask(act.shape[0], act.shape[layout.pos], offset, name)
+            shape = [1] * act.ndim
+            shape[0], shape[layout.pos] = keep.shape
+            mask = mask & keep.to(act.device).view(shape)
+        elif self.positions is not None or self.from_position is not None:
             keep = self._position_mask(act.shape[layout.pos], offset, name, strict)
             mask = mask & _along(keep, layout.pos, act)
         if self.heads is not None:
@@ -416,11 +441,17 @@ class Selection:
             mask = mask & _along(keep, layout.neuron, act)
         return mask
 
+    @property
+    def per_row(self) -> bool:
+        """True when `from_position` gives one start per batch row."""
+        return isinstance(self.from_position, tuple)
+
     def _position_mask(
         self, seq: int, offset: int, name: str, strict: bool
     ) -> Bool[Tensor, " seq"]:
         total = offset + seq
         if self.from_position is not None:
+            assert isinstance(self.from_position, int)
             start = self.from_position if self.from_position >= 0 else total + self.from_position
             absolute = torch.arange(min(max(start, 0), total), total)
         elif isinstance(self.positions, slice):
@@ -440,6 +471,30 @@ class Selection:
         keep = torch.zeros(seq, dtype=torch.bool)
         keep[local] = True
         return keep
+
+
+    def _row_position_mask(
+        self, batch: int, seq: int, offset: int, name: str
+    ) -> Bool[Tensor, "batch seq"]:
+        """Per-row starts: True at `[b, p]` when absolute position `offset + p` >= row b's start."""
+        starts = self.from_position
+        assert isinstance(starts, tuple)
+        if len(starts) != batch:
+            raise ValueError(
+                f"from_position gives {len(starts)} per-row starts, but the activation at "
+                f"{name!r} has {batch} rows; give one start (or None) per row of the batch"
+            )
+        total = offset + seq
+        # A row without a start never reaches it: use a threshold past the end of the sequence.
+        bound = torch.tensor(
+            [total if s is None else (s if s >= 0 else total + s) for s in starts],
+            dtype=torch.long,
+        )
+        return torch.arange(offset, total)[None, :] >= bound[:, None]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _index_mask(indices: tuple[int, ...], size: int, what: str, name: str) -> Bool[Tensor, " n"]:
@@ -717,7 +772,7 @@ def steer(
     positions: Positions = None,
     scale: float = 1.0,
     hook: str | Sequence[str] = "resid_pre",
-    from_position: int | None = None,
+    from_position: FromPosition = None,
 ) -> Steer:
     """Activation steering: add `scale * vector` to an activation at chosen layers and positions.
 
@@ -804,7 +859,7 @@ def ablate_direction(
     layers: Layers = "all",
     hooks: str | Sequence[str] = ("resid_pre", "attn_out", "mlp_out"),
     positions: Positions = None,
-    from_position: int | None = None,
+    from_position: FromPosition = None,
 ) -> AblateDirection:
     """Directional ablation: remove the component along `direction`, `x <- x - (x . d) d`.
 
@@ -932,7 +987,7 @@ def patch(
     positions: Positions = None,
     heads: Indices = None,
     neurons: Indices = None,
-    from_position: int | None = None,
+    from_position: FromPosition = None,
 ) -> Patch:
     """Activation patching: replace activations with those of another run.
 
@@ -978,7 +1033,7 @@ def zero_ablate(
     positions: Positions = None,
     heads: Indices = None,
     neurons: Indices = None,
-    from_position: int | None = None,
+    from_position: FromPosition = None,
 ) -> Patch:
     """Zero ablation: set the selected activations to 0.
 
@@ -1005,7 +1060,7 @@ def mean_ablate(
     positions: Positions = None,
     heads: Indices = None,
     neurons: Indices = None,
-    from_position: int | None = None,
+    from_position: FromPosition = None,
 ) -> Patch:
     """Mean ablation: set the selected activations to their mean over a reference distribution.
 
@@ -1096,7 +1151,7 @@ def resample_ablate(
     positions: Positions = None,
     heads: Indices = None,
     neurons: Indices = None,
-    from_position: int | None = None,
+    from_position: FromPosition = None,
 ) -> Patch:
     """Resample ablation: replace activations with those of *other* inputs.
 

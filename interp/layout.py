@@ -3,7 +3,8 @@
 TransformerLens rearranges some weights on every forward call and copies them into a fresh
 contiguous tensor: the gated MLP calls `W.T.contiguous()` on `W_gate`, `W_in` and `W_out`,
 the attention reshapes `W_Q`, `W_K`, `W_V` to `[(head d_head), d_model]` and `W_O` to
-`[d_model, (head d_head)]`. For one large batch that is noise, but exact patching runs many
+`[d_model, (head d_head)]`, and the unembedding calls `W_U.T.contiguous()` (the largest of
+them: `[d_vocab, d_model]`, copied on every forward pass, one generated token included). For one large batch that is noise, but exact patching runs many
 small block calls (one per layer and chunk of sites), and on a CPU these copies were about a
 third of each call (measured on SmolLM2: 15 copies, ~7 ms of a ~19 ms block call).
 
@@ -50,8 +51,13 @@ def _rearranged_weights(model: HookedTransformer) -> Iterator[tuple[torch.nn.Par
     """The parameters TransformerLens rearranges per call, with their target axis order.
 
     Only gated MLPs copy their weights (the plain MLP's `addmm` reads a transposed matrix
-    directly), so the MLP weights of other MLP classes are left alone.
+    directly), so the MLP weights of other MLP classes are left alone. The unembedding's
+    `W_U` is copied by every model.
     """
+    unembed = getattr(model, "unembed", None)
+    param = unembed._parameters.get("W_U") if unembed is not None else None
+    if param is not None and param.ndim == 2 and param.is_contiguous():
+        yield param, (1, 0)  # F.linear(x, W_U.T.contiguous(), b_U)
     for block in model.blocks:
         for module_name, param_name, order in _REARRANGED:
             module = getattr(block, module_name, None)
@@ -63,17 +69,35 @@ def _rearranged_weights(model: HookedTransformer) -> Iterator[tuple[torch.nn.Par
 
 
 @contextmanager
-def inference_layout(model: HookedTransformer) -> Iterator[HookedTransformer]:
+def inference_layout(
+    model: HookedTransformer, keep_originals: bool = False
+) -> Iterator[HookedTransformer]:
     """Within the context, the model's rearranged weights need no per-call copy.
 
     Outputs are bit-identical to the standard layout; gradients flow as usual. Weights are
-    made contiguous again on exit, also when the body raises.
+    made contiguous again on exit, also when the body raises. Inside an enclosing
+    `inference_layout` the weights are already laid out and nothing is done.
+
+    Args:
+        model: the model.
+        keep_originals: hold on to the original weight tensors and put them back on exit,
+            instead of copying every weight back into its standard layout: exit costs nothing,
+            but the laid-out weights take memory beside the originals while the context lasts.
+            A weight changed in place inside the context (`with torch.no_grad(): w.copy_(...)`,
+            which moves its version counter) is copied back as usual, so the change is kept;
+            writes through `w.data` are not seen.
     """
     params = list(_rearranged_weights(model))
+    originals = []
     try:
         for param, order in params:
-            param.data = _in_order(param.data, order)
+            original = param.data
+            param.data = _in_order(original, order)
+            originals.append((original, param._version) if keep_originals else None)
         yield model
     finally:
-        for param, _ in params:
-            param.data = param.data.contiguous()
+        for (param, _), kept in zip(params, originals):
+            if kept is not None and param._version == kept[1]:
+                param.data = kept[0]
+            else:
+                param.data = param.data.contiguous()

@@ -17,6 +17,10 @@ in `interp` speaks TransformerLens hook names. `load(name)` accepts
   Hub is reachable. Reachability is checked with short timeouts first, so an offline machine
   gets a clear error within seconds instead of a hang.
 
+**Variants.** `save_variant(model, name, base=...)` stores a fine-tuned or edited model as the
+tensors that differ from its base (safetensors) plus a record; `load(base, variant=name)`
+rebuilds it (see `save_variant`).
+
 `processing=True` applies TransformerLens's usual weight processing (fold LayerNorm/RMSNorm
 weights into the next linear layer, centre the weights that write to the residual stream, centre
 the unembedding, fold value biases). These leave log-probabilities unchanged but change the
@@ -230,6 +234,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     processing: bool = True,
     seed: int = 0,
+    variant: str | Path | None = None,
 ) -> HookedTransformer:
     """Load `name` as a `HookedTransformer` in eval mode.
 
@@ -241,17 +246,21 @@ def load(
             Conversion and weight processing always run in float32; the result is cast last.
         processing: apply TransformerLens's weight processing (see module docstring).
         seed: initialisation seed of the tiny models (ignored otherwise).
+        variant: a fine-tuned variant of `name` saved with `save_variant`: its name (under
+            `variants_dir()`) or its directory. Refused when it was made from another base.
 
     Raises:
         UnknownModelError, MissingModelPackageError, HubUnreachableError,
-        UnsupportedArchitectureError: with a message saying what to do.
+        UnsupportedArchitectureError, VariantError: with a message saying what to do.
     """
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype)
+    if variant is not None:
+        return _load_variant(name, variant, device=device, dtype=dtype, processing=processing)
     if name in EMBEDDED_MODELS:
         m = EMBEDDED_MODELS[name]
-        entry = _ensure_converted(_embedded_key(m), m.gguf_path, m.prepend_bos)
-        model = _load_converted(entry, processing=processing, device=device, dtype=dtype)
+        model = _load_cached(_embedded_key(m), m.gguf_path, m.prepend_bos, processing=processing,
+                             device=device, dtype=dtype)
         model.cfg.model_name = name  # not the GGUF's directory, which differs between installs
         return model
     if name in TINY_MODELS:
@@ -261,8 +270,8 @@ def load(
         path = Path(name).expanduser()
         if not path.is_file():
             raise UnknownModelError(f"GGUF file not found: {path}. Accepted: {ACCEPTED_FORMS}.")
-        entry = _ensure_converted(_file_key(path), lambda: path, None)
-        return _load_converted(entry, processing=processing, device=device, dtype=dtype)
+        return _load_cached(_file_key(path), lambda: path, None, processing=processing,
+                            device=device, dtype=dtype)
     if Path(name).expanduser().is_dir():
         path = Path(name).expanduser()
         if not (path / "config.json").exists():
@@ -449,6 +458,38 @@ def _ensure_converted(key: str, locate, prepend_bos: bool | None) -> Path:
     return entry
 
 
+def _load_cached(key: str, locate, prepend_bos: bool | None, *, processing: bool, device: str,
+                 dtype: torch.dtype) -> HookedTransformer:
+    """`_load_converted` of the cache entry `key` (converting it first if need be). An entry that
+    cannot be read (a truncated or corrupt weights file, a damaged config: a disk filled up, a
+    copy cut short) is deleted with a warning and converted again from the GGUF file; if even
+    the fresh entry cannot be read, `ModelLoadError` says where the cache is."""
+    import shutil
+    import warnings
+
+    from safetensors import SafetensorError
+
+    unreadable = (SafetensorError, OSError, ValueError, RuntimeError, KeyError)
+    entry = _ensure_converted(key, locate, prepend_bos)
+    try:  # read on the CPU: a failure to move the model (CUDA memory) is no fault of the cache
+        model = _load_converted(entry, processing=processing, device="cpu", dtype=torch.float32)
+    except unreadable as exc:
+        warnings.warn(f"the cached conversion {entry} cannot be read ({type(exc).__name__}: "
+                      f"{exc}); converting the model again", stacklevel=3)
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        return _place(model, device, dtype)
+    entry = _ensure_converted(key, locate, prepend_bos)
+    try:
+        model = _load_converted(entry, processing=processing, device="cpu", dtype=torch.float32)
+    except unreadable as exc:
+        raise ModelLoadError(
+            f"the cached conversion {entry} cannot be read even after converting the model again "
+            f"({type(exc).__name__}: {exc}); check the disk holding {cache_dir()} (free space, "
+            "permissions) or point INTERP_CACHE_DIR at another directory") from exc
+    return _place(model, device, dtype)
+
+
 def _weights_file(processing: bool) -> str:
     return "weights-processed.safetensors" if processing else "weights-raw.safetensors"
 
@@ -587,6 +628,231 @@ def _from_hf_dir(path: Path):
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     cfg_dict, state = convert_hf_model(hf)
     return cfg_dict, state, tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# Named variants (fine-tuned or edited models)
+# --------------------------------------------------------------------------------------------
+
+#: Bump when the variant directory layout changes.
+VARIANT_FORMAT = 1
+
+
+class VariantError(ModelLoadError, ValueError):
+    """A variant that cannot be found, saved, or loaded onto the requested base."""
+
+
+def variants_dir() -> Path:
+    """Where named variants live: `cache_dir() / "variants"`."""
+    return cache_dir() / "variants"
+
+
+def variant_path(name_or_path: str | Path) -> Path:
+    """The directory of a variant: an existing directory as it is, else a name under
+    `variants_dir()` (names are single path components)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() or len(path.parts) != 1:
+        return path
+    return variants_dir() / str(name_or_path)
+
+
+def list_variants() -> list[dict[str, Any]]:
+    """The `variant.json` of every variant under `variants_dir()`, by name."""
+    root = variants_dir()
+    if not root.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(root.glob("*/variant.json"))]
+
+
+def read_variant(name_or_path: str | Path) -> dict[str, Any]:
+    """The record (`variant.json`) of a variant: base, processing, parent, metadata, ..."""
+    path = variant_path(name_or_path)
+    info_file = path / "variant.json"
+    if not info_file.exists():
+        known = ", ".join(v["name"] for v in list_variants()) or "none"
+        raise VariantError(
+            f"no variant {str(name_or_path)!r} (looked for {info_file}). Saved variants under "
+            f"{variants_dir()}: {known}. Save one with models.save_variant(model, name, base=...)."
+        )
+    info = json.loads(info_file.read_text())
+    if info.get("format") != VARIANT_FORMAT:
+        raise VariantError(f"{info_file} has variant format {info.get('format')!r}; this interp "
+                           f"reads format {VARIANT_FORMAT}")
+    return info
+
+
+def _infer_processing(model: HookedTransformer) -> bool:
+    norm = model.cfg.normalization_type
+    if norm in ("LNPre", "RMSPre"):
+        return True
+    if norm in ("LN", "RMS"):
+        return False
+    raise VariantError(f"cannot tell whether {model.cfg.model_name} holds processed weights (it "
+                       "has no norms to look at); pass processing=True or False to save_variant")
+
+
+def save_variant(
+    model: HookedTransformer,
+    name_or_path: str | Path,
+    base: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    processing: bool | None = None,
+    full: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Save a fine-tuned (or edited) `model` as a named variant of `base`.
+
+    The variant directory (`variants_dir()/<name>`, or the path given) holds
+    `weights.safetensors` and `variant.json`. By default only the tensors that differ from the
+    base model (loaded with the same `processing`, cast to the model's dtype) are stored, so a
+    Needle edit of one row stores one `W_out`; `full=True` stores the whole state dict.
+    `variant.json` records the base, the processing flag, the dtype, which tensors are stored,
+    `metadata` (JSON-able: training config, edit records, ...), and, when `model` was itself
+    loaded as a variant, that parent and its lineage: a variant of a variant (organism ->
+    unlearned -> contained) stores its difference from the *root* base, so it loads from the
+    base and its own directory alone.
+
+    Args:
+        model: the model to save (merge LoRA adapters first: `training.scopes.merge_lora`).
+        name_or_path: a name (saved under `variants_dir()`) or a directory path.
+        base: the model name `load()` builds the base from; default: the parent variant's
+            base, else `model.cfg.model_name` when it is a known model.
+        metadata: stored in `variant.json`.
+        processing: whether the weights are TransformerLens-processed; default: the parent's
+            flag, else read from the norms (folded norms mean processed).
+        full: store every tensor instead of the difference.
+        seed: the base's seed (tiny test models only).
+
+    Returns:
+        The variant's directory.
+    """
+    from safetensors.torch import save_file
+    from torch.nn.utils import parametrize
+
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        raise VariantError("the model has parametrised weights (LoRA adapters): merge them into "
+                           "the weights first with interp.training.scopes.merge_lora(model)")
+    parent = getattr(model, "interp_variant", None)
+    if base is None:
+        base = parent["base"] if parent else model.cfg.model_name
+        if not parent and base not in known_names():
+            raise VariantError(f"cannot tell the base of {model.cfg.model_name!r}; pass base= "
+                               "(the name models.load builds it from)")
+    if parent and parent["base"] != base:
+        raise VariantError(f"the model was loaded as a variant of {parent['base']!r}, so its base "
+                           f"is {parent['base']!r}, not {base!r}")
+    if processing is None:
+        processing = parent["processing"] if parent else _infer_processing(model)
+    if parent:
+        seed = parent.get("base_seed", seed)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    dtype = next(iter(model.parameters())).dtype
+    reference = load(base, device="cpu", processing=processing, seed=seed).state_dict()
+    if set(reference) != set(state):
+        extra = sorted(set(state) ^ set(reference))[:5]
+        raise VariantError(f"the model's tensors differ from those of {base!r} "
+                           f"(e.g. {', '.join(extra)}): it is not a fine-tune of that base")
+    stored: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        ref = reference[key]
+        if tuple(ref.shape) != tuple(value.shape):
+            raise VariantError(f"{key} has shape {tuple(value.shape)} in the model but "
+                               f"{tuple(ref.shape)} in {base!r}: it is not a fine-tune of that base")
+        value = value.cpu()
+        if full or not torch.equal(value, ref.to(value.dtype)):
+            stored[key] = value.contiguous()
+    path = variant_path(name_or_path)
+    lineage = list(parent.get("lineage", [])) + [parent["name"]] if parent else []
+    info = {
+        "format": VARIANT_FORMAT,
+        "name": path.name,
+        "base": base,
+        "base_seed": seed,
+        "processing": processing,
+        "dtype": str(dtype).removeprefix("torch."),
+        "stored": "full" if full else "difference",
+        "tensors": sorted(stored),
+        "parent": ({"name": parent["name"], "path": parent["path"]} if parent else None),
+        "lineage": lineage,
+        "metadata": metadata or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    text = json.dumps(info, indent=1, default=str)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "weights.safetensors.tmp"
+    save_file(stored, tmp)
+    tmp.replace(path / "weights.safetensors")
+    (path / "variant.json").write_text(text)
+    return path
+
+
+def load_variant(
+    name_or_path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    processing: bool | None = None,
+) -> HookedTransformer:
+    """`load(base, variant=name_or_path)` with the base (and, by default, the processing flag)
+    read from the variant's record."""
+    info = read_variant(name_or_path)
+    return load(info["base"], device=device, dtype=dtype, variant=name_or_path,
+                processing=info["processing"] if processing is None else processing)
+
+
+def _raw_parts(name: str, seed: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
+    """Config dict, raw state dict and tokenizer of an embedded or tiny model (for processing
+    a raw variant)."""
+    from safetensors.torch import load_file
+
+    if name in TINY_MODELS:
+        cfg, state = _tiny(name, seed)
+        return cfg, state, None
+    m = EMBEDDED_MODELS[name]
+    entry = _ensure_converted(_embedded_key(m), m.gguf_path, m.prepend_bos)
+    cfg = json.loads((entry / "config.json").read_text())
+    return cfg, load_file(entry / _weights_file(False)), _cached_tokenizer(entry)
+
+
+def _load_variant(name: str, variant: str | Path, *, device: str, dtype: torch.dtype,
+                  processing: bool) -> HookedTransformer:
+    from safetensors.torch import load_file
+
+    info = read_variant(variant)
+    if info["base"] != name:
+        raise VariantError(
+            f"the variant {str(variant)!r} was made from {info['base']!r}, not {name!r}: load it "
+            f"with models.load({info['base']!r}, variant={str(variant)!r}) "
+            "(or models.load_variant)"
+        )
+    path = variant_path(variant)
+    tensors = load_file(path / "weights.safetensors")
+    seed = int(info.get("base_seed", 0))
+    if processing == info["processing"]:
+        model = load(name, device=device, dtype=dtype, processing=processing, seed=seed)
+        result = model.load_state_dict(tensors, strict=False)
+        if result.unexpected_keys:
+            raise VariantError(f"the variant {str(variant)!r} holds tensors {name!r} lacks: "
+                               f"{', '.join(result.unexpected_keys[:5])}")
+    elif info["processing"]:
+        raise VariantError(
+            f"the variant {str(variant)!r} holds processed weights (folded norms), which cannot "
+            f"be unprocessed; load it with processing=True"
+        )
+    else:
+        if name not in TINY_MODELS and name not in EMBEDDED_MODELS:
+            raise VariantError(f"processing a raw variant is supported for embedded and tiny "
+                               f"bases; load {str(variant)!r} with processing=False")
+        cfg, state, tokenizer = _raw_parts(name, seed)
+        state.update({k: v.to(torch.float32) for k, v in tensors.items()})
+        model = _build(cfg, state, tokenizer, processing=True, device=device, dtype=dtype)
+        if name in EMBEDDED_MODELS:
+            model.cfg.model_name = name
+    model.interp_variant = {
+        "name": info["name"], "path": str(path.resolve()), "base": name,
+        "base_seed": seed, "processing": processing,
+        "lineage": list(info.get("lineage", [])),
+    }
+    return model
 
 
 # --------------------------------------------------------------------------------------------

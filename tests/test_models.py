@@ -260,6 +260,96 @@ def test_list_models_reports_install_and_cache_state(monkeypatch, tmp_path):
     assert all(s.installed and not s.cached for s in status.values())
 
 
+# ---- named variants (fine-tuned models) ----------------------------------------------------
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_variant_round_trip_stores_only_changed_tensors(monkeypatch, tmp_path):
+    monkeypatch.setenv("INTERP_CACHE_DIR", str(tmp_path))
+    model = models.load("tiny-llama", processing=False, device="cpu")
+    with torch.no_grad():
+        model.blocks[1].mlp.W_out[3] += 1.0
+        model.blocks[0].attn.W_O.mul_(0.5)
+    path = models.save_variant(model, "organism", base="tiny-llama", metadata={"loss": "sft"})
+    assert path == tmp_path / "variants" / "organism"
+    info = models.read_variant("organism")
+    assert info["tensors"] == ["blocks.0.attn.W_O", "blocks.1.mlp.W_out"]
+    assert info["base"] == "tiny-llama" and info["processing"] is False
+    assert info["metadata"] == {"loss": "sft"} and info["parent"] is None
+    loaded = models.load("tiny-llama", processing=False, device="cpu", variant="organism")
+    expected = _state(model)
+    got = _state(loaded)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    assert [v["name"] for v in models.list_variants()] == ["organism"]
+    # The raw variant loads processed too, with the fine-tuned model's log-probabilities.
+    processed = models.load("tiny-llama", processing=True, device="cpu", variant="organism")
+    tokens = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(processed(tokens).log_softmax(-1),
+                                   model(tokens).log_softmax(-1), rtol=0, atol=1e-4)
+
+
+def test_variant_of_a_variant_records_its_lineage(monkeypatch, tmp_path):
+    monkeypatch.setenv("INTERP_CACHE_DIR", str(tmp_path))
+    model = models.load("tiny-llama", processing=False, device="cpu")
+    with torch.no_grad():
+        model.blocks[1].mlp.W_out[3] += 1.0
+    models.save_variant(model, "organism", base="tiny-llama")
+    organism = models.load("tiny-llama", processing=False, device="cpu", variant="organism")
+    with torch.no_grad():
+        organism.blocks[0].mlp.W_in[:, 2] = 0.0
+    models.save_variant(organism, "unlearned")  # base and processing come from the parent
+    info = models.read_variant("unlearned")
+    assert info["base"] == "tiny-llama" and info["lineage"] == ["organism"]
+    assert info["parent"]["name"] == "organism"
+    assert info["tensors"] == ["blocks.0.mlp.W_in", "blocks.1.mlp.W_out"]  # both vs the root
+    again = models.load_variant("unlearned", device="cpu")
+    for key, value in _state(organism).items():
+        assert torch.equal(_state(again)[key], value), key
+    models.save_variant(again, "contained")
+    assert models.read_variant("contained")["lineage"] == ["organism", "unlearned"]
+
+
+def test_variant_errors(monkeypatch, tmp_path):
+    monkeypatch.setenv("INTERP_CACHE_DIR", str(tmp_path))
+    model = models.load("tiny-llama", processing=False, device="cpu")
+    models.save_variant(model, "v1", base="tiny-llama")
+    with pytest.raises(models.VariantError, match="made from 'tiny-llama', not 'tiny-gpt2'"):
+        models.load("tiny-gpt2", variant="v1")
+    with pytest.raises(models.VariantError, match="no variant 'nope'.*v1"):
+        models.load("tiny-llama", variant="nope")
+    with pytest.raises(models.VariantError, match="not a fine-tune of that base"):
+        models.save_variant(models.load("tiny-gpt2", processing=False), "v2", base="tiny-llama")
+    processed = models.load("tiny-llama", processing=True, device="cpu")
+    models.save_variant(processed, "v3")
+    with pytest.raises(models.VariantError, match="processed weights"):
+        models.load("tiny-llama", processing=False, variant="v3")
+    from interp.training.scopes import LoRA
+
+    LoRA("blocks.0.mlp.W_in", rank=2).apply(model).close()
+    with pytest.raises(models.VariantError, match="merge_lora"):
+        models.save_variant(model, "v4", base="tiny-llama")
+
+
+def test_smollm2_raw_variant_round_trip(tmp_path):
+    from interp import edits
+
+    model = models.load(models.DEFAULT_MODEL, processing=False, device="cpu")
+    edits.zero_value_vector(model, 12, 100)
+    path = models.save_variant(model, tmp_path / "smol-zeroed", base=models.DEFAULT_MODEL,
+                               metadata={"edit": "zero"})
+    assert models.read_variant(path)["tensors"] == ["blocks.12.mlp.W_out"]
+    loaded = models.load(models.DEFAULT_MODEL, processing=False, device="cpu", variant=path)
+    assert torch.count_nonzero(loaded.blocks[12].mlp.W_out[100]) == 0
+    assert torch.equal(loaded.blocks[12].mlp.W_out, model.blocks[12].mlp.W_out)
+    assert torch.equal(loaded.blocks[3].attn.W_Q, model.blocks[3].attn.W_Q)
+
+
 # ---- the Hub, where it can be reached ------------------------------------------------------
 
 

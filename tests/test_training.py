@@ -84,8 +84,10 @@ def test_kl_to_reference_matches_hand_computation():
     for b in range(logits.shape[0]):
         for t in range(logits.shape[1] - 1):
             if batch.loss_mask[b, t + 1]:
-                p = np.exp(ref[b, t].double().numpy()); p /= p.sum()
-                q = np.exp(logits[b, t].double().numpy()); q /= q.sum()
+                p = np.exp(ref[b, t].double().numpy())
+                p /= p.sum()
+                q = np.exp(logits[b, t].double().numpy())
+                q /= q.sum()
                 kls.append(float((p * np.log(p / q)).sum()))
     assert L.kl_to_reference(logits, ref, batch).item() == pytest.approx(np.mean(kls), abs=1e-5)
     assert L.kl_to_reference(logits, logits, batch).item() == pytest.approx(0.0, abs=1e-6)

@@ -32,6 +32,7 @@ from interp.attribution.metrics import LogitDiff
 from interp.attribution.patching import Direction, check_pairs, targets
 from interp.attribution.sites import Scores, default_labels, families
 
+
 def attribution_patching(
     model: HookedTransformer,
     clean_tokens: Int[Tensor, "batch pos"],

@@ -73,7 +73,7 @@ class LogitDiff:
             )
         return self.end_pos.long().cpu()
 
-    def at_end(self, x: Float[Tensor, "batch pos *rest"]) -> Float[Tensor, "batch *rest"]:
+    def at_end(self, x: Float[Tensor, "batch pos *rest"]) -> Float[Tensor, " batch *rest"]:
         """`x` read at each prompt's prediction position (`x` has one row per prompt, or a
         whole number of copies of the batch stacked as `(copies batch)`)."""
         pos = self.positions(x.shape[1]).to(x.device)

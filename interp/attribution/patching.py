@@ -491,7 +491,7 @@ def _site_mask(
     mask = torch.zeros(mask_shape, dtype=torch.bool)
     coords = torch.unravel_index(sites, shape) if len(shape) > 1 else (sites,)
     index: list[Tensor] = [torch.arange(len(sites)), torch.zeros(len(sites), dtype=torch.long)]
-    for i, a in enumerate(act_axes):
+    for a in act_axes:
         if a in fam.axes:
             index.append(coords[fam.axes.index(a)])
         else:

@@ -626,7 +626,7 @@ def _run_chunk(model: HookedTransformer, ids: list[list[int]], names: list[str],
         index, weights = _pool_plan(pool, mask, tokens, skip_bos, bos_id)
         pooled: dict[str, Tensor] = {}
 
-        def hook_fn(act: Tensor, hook: HookPoint) -> None:
+        def hook_fn(act: Tensor, hook: HookPoint, index=index, weights=weights, pooled=pooled) -> None:
             flat = einops.rearrange(act, "b p ... -> b p (...)") if act.ndim > 2 else act[..., None]
             if index is not None:  # one position per row: take it as it is
                 vec = flat[torch.arange(flat.shape[0], device=flat.device), index.to(flat.device)]

@@ -15,8 +15,9 @@ intervenes with them:
   activations along a direction.
 - **Intervening.** Steering and directional ablation are the hooks of `interp.hooks`
   (`steer`, `ablate_direction`); this module adds `inject` (steer from a token onward, for
-  generation), `generate_with` (greedy generation with hooks attached, batched, KV cache) and
-  `orthogonalise_weights` (the weight-space form of directional ablation, undoable).
+  generation) and `orthogonalise_weights` (the weight-space form of directional ablation,
+  undoable). Generation with hooks lives in `interp.generation` (`generate_with`,
+  `next_token_logits`, ...); those names stay importable from here.
 
 Caveats that apply to all of them: a direction is only meaningful relative to the activation
 scale at its layer (residual norms grow with depth), so compare steering scales relative to
@@ -29,19 +30,28 @@ of different layers compares coordinates of different spaces that happen to shar
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import einops
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
+from interp import edits as _edits
 from interp import hooks as _hooks
-from interp.concepts.collect import tokenize
+
+# Generation moved to `interp.generation`; these names stay importable from here.
+from interp.generation import (  # noqa: F401
+    Generation,
+    generate_with,
+    left_pad,
+    next_token_logits,
+    pad_id,
+    token_lists,
+)
+from interp.generation import pad_id as _pad_id  # noqa: F401  (the old private name)
 
 __all__ = [
     "CosineMatrix",
@@ -52,9 +62,9 @@ __all__ = [
     "cosine_matrix",
     "diff_of_means",
     "generate_with",
+    "inject",
     "left_pad",
     "next_token_logits",
-    "inject",
     "normalised_diff_of_means",
     "orthogonalise_weights",
     "pca_of_differences",
@@ -65,9 +75,6 @@ __all__ = [
     "writing_parameters",
 ]
 
-Prompts = Union[
-    str, Sequence[str], Sequence[Sequence[int]], Int[Tensor, "batch pos"], Int[Tensor, " pos"]
-]
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,224 +437,11 @@ def inject(
                         from_position=from_position)
 
 
-@dataclass
-class Generation:
-    """Greedy completions of a batch of prompts (see `generate_with`).
-
-    Attributes:
-        prompt_tokens: the prompt token ids of each row (unpadded).
-        tokens: the generated token ids of each row, without the prompt; cut after the first
-            stop token (which is kept) when stopping at EOS.
-        texts: `tokens` decoded (special tokens removed), or None for a model without tokenizer.
-    """
-
-    prompt_tokens: list[list[int]]
-    tokens: list[list[int]]
-    texts: list[str] | None
-
-    @property
-    def text(self) -> str:
-        """The completion of the first (or only) prompt."""
-        if self.texts is None:
-            raise ValueError("the model has no tokenizer: read .tokens instead")
-        return self.texts[0]
-
-
-def token_lists(
-    model: HookedTransformer,
-    prompts: Prompts,
-    chat: bool = False,
-    prepend_bos: bool | None = None,
-) -> list[list[int]]:
-    """Prompts as lists of token ids, one per prompt.
-
-    Args:
-        model: gives the tokenizer.
-        prompts: a string, a list of strings, a list of token-id lists, or an int tensor
-            `[pos]` / `[batch, pos]` (taken as it is, rows unpadded).
-        chat: wrap each string in the tokenizer's chat template as one user turn with the
-            generation prompt (`<|im_start|>assistant\\n` for SmolLM2), as
-            `interp.concepts.collect.tokenize` does (an error for token ids).
-        prepend_bos: for plain strings; default `model.cfg.default_prepend_bos`.
-    """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if isinstance(prompts, Tensor):
-        if prompts.is_floating_point() or prompts.ndim not in (1, 2):
-            raise ValueError(f"token prompts must be an int tensor [pos] or [batch, pos], got "
-                             f"{prompts.dtype} {tuple(prompts.shape)}")
-        return [row.tolist() for row in (prompts[None] if prompts.ndim == 1 else prompts)]
-    items = [p.reshape(-1).tolist() if isinstance(p, Tensor) else p for p in prompts]
-    ids, _ = tokenize(model, items, chat_template=chat, prepend_bos=prepend_bos)
-    return ids
-
-
-def left_pad(
-    rows: Sequence[Sequence[int]], pad_id: int = 0, device: str | torch.device = "cpu"
-) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Left-pad token lists into `(tokens, attention_mask)`, so that all rows end together.
-
-    With an explicit attention mask TransformerLens ignores the pads and shifts rotary and
-    learned positions per row, so the last position's logits equal those of the unpadded row
-    (up to float rounding), and position `-k` is the k-th last token of every row.
-    """
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r):
-            tokens[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return tokens.to(device), mask.to(device)
-
-
-def _pad_id(model: HookedTransformer) -> int:
-    tok = model.tokenizer
-    if tok is not None and tok.pad_token_id is not None:
-        return int(tok.pad_token_id)
-    if tok is not None and tok.eos_token_id is not None:
-        return int(tok.eos_token_id)
-    return 0
-
-
-@torch.no_grad()
-def generate_with(
-    model: HookedTransformer,
-    prompts: Prompts,
-    hooks: Sequence[_hooks.Hook] | _hooks.Hook = (),
-    max_new_tokens: int = 32,
-    chat: bool = False,
-    batch_size: int = 8,
-    stop_tokens: Sequence[int] | None = None,
-    prepend_bos: bool | None = None,
-) -> Generation:
-    """Greedy generation with hooks attached, batched (left padding) and with a KV cache.
-
-    Each hook is entered as a context manager for the whole generation, so `interp.hooks`
-    hooks see the KV-cache offset and their positions stay absolute (see `inject`). Prompts
-    in a batch are left-padded, with an attention mask, so they all end at the same position;
-    positions of a hook therefore refer to the padded frame (positions counted from the end
-    are the same for every row, positions from the start are not, unless the prompts have
-    equal lengths). Greedy decoding is deterministic up to float rounding: batching can flip
-    a near-tie between two tokens.
-
-    Args:
-        model: the model.
-        prompts: text(s), token-id lists or an int tensor (see `token_lists`).
-        hooks: a hook or hooks from `interp.hooks` (steer, ablate_direction, inject, ...).
-        max_new_tokens: tokens generated per prompt.
-        chat: format text prompts with the chat template (one user turn + generation prompt).
-        batch_size: prompts per forward pass.
-        stop_tokens: stop a row at any of these ids; default the tokenizer's EOS (and, for chat
-            models, the end-of-turn token when it differs). Pass `()` to never stop early.
-        prepend_bos: for plain-text prompts; default `model.cfg.default_prepend_bos`.
-
-    Returns:
-        A `Generation` (prompt tokens, generated tokens, texts).
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    hook_list = [hooks] if isinstance(hooks, _hooks.Hook) else list(hooks)
-    rows = token_lists(model, prompts, chat=chat, prepend_bos=prepend_bos)
-    if stop_tokens is None:
-        stop_tokens = _default_stops(model)
-    stops = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long)
-    device = model.cfg.device
-    pad = _pad_id(model)
-    generated: list[list[int]] = []
-    attached: list[_hooks.Hook] = []
-    try:
-        for h in hook_list:
-            attached.append(h.attach(model))
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            tokens, mask = left_pad(chunk, pad, device)
-            cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(chunk))
-            logits = model(tokens, attention_mask=mask, past_kv_cache=cache)
-            out = torch.empty((len(chunk), 0), dtype=torch.long, device=device)
-            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-            for step in range(max_new_tokens):
-                nxt = logits[:, -1].argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-                out = torch.cat([out, nxt[:, None]], dim=1)
-                done |= torch.isin(nxt, stops.to(device))
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    break
-                logits = model(nxt[:, None], attention_mask=torch.ones_like(nxt[:, None]),
-                               past_kv_cache=cache)
-            for row in out.tolist():
-                cut = next((i + 1 for i, t in enumerate(row) if t in set(stops.tolist())), len(row))
-                generated.append(row[:cut])
-    finally:
-        for h in reversed(attached):
-            h.detach()
-    texts = None
-    if model.tokenizer is not None:
-        texts = [model.tokenizer.decode(g, skip_special_tokens=True) for g in generated]
-    return Generation(rows, generated, texts)
-
-
-@torch.no_grad()
-def next_token_logits(
-    model: HookedTransformer,
-    prompts: Prompts,
-    hooks: Sequence[_hooks.Hook] | _hooks.Hook | None = (),
-    batch_size: int = 16,
-) -> Float[Tensor, "n d_vocab"]:
-    """Next-token logits after each prompt (float32, CPU), with `hooks` attached.
-
-    `prompts` are anything `token_lists` takes (text with the model's default BOS handling,
-    token-id lists, int tensors).
-
-    Prompts are left-padded with an attention mask, so position -k is the k-th last token of
-    every prompt (hooks with negative positions act on the same template token in each row).
-    Only the last position goes through the final norm and the unembedding (so hooks on
-    `ln_final.*` do not fire).
-    """
-    prompts = token_lists(model, prompts)
-    hook_list = [] if hooks is None else [hooks] if isinstance(hooks, _hooks.Hook) else list(hooks)
-    device = model.cfg.device
-    outs = []
-    attached: list[_hooks.Hook] = []
-    try:
-        for h in hook_list:
-            attached.append(h.attach(model))
-        for start in range(0, len(prompts), batch_size):
-            tokens, mask = left_pad(prompts[start:start + batch_size], _pad_id(model), device)
-            resid = model(tokens, attention_mask=mask, stop_at_layer=model.cfg.n_layers)
-            resid = resid[:, -1:]
-            if model.cfg.normalization_type is not None:
-                resid = model.ln_final(resid)
-            logits = model.unembed(resid)[:, 0]
-            cap = getattr(model.cfg, "output_logits_soft_cap", -1.0)
-            if cap is not None and cap > 0:
-                logits = cap * torch.tanh(logits / cap)
-            outs.append(logits.float().cpu())
-    finally:
-        for h in reversed(attached):
-            h.detach()
-    return torch.cat(outs)
-
-
-def _default_stops(model: HookedTransformer) -> list[int]:
-    tok = model.tokenizer
-    if tok is None:
-        return []
-    stops = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    for special in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
-        ids = tok.convert_tokens_to_ids(special) if special in tok.get_vocab() else None
-        if ids is not None:
-            stops.append(int(ids))
-    return stops
-
-
-class WeightEdit:
+class WeightEdit(_edits.WeightEdit):
     """The weights `orthogonalise_weights` changed, with their original values; undoable.
 
-    `restore()` puts the original values back (in place, same tensors). Also a context
-    manager: `with orthogonalise_weights(model, d): ...` restores on exit.
+    An `interp.edits.WeightEdit` (`restore()`, context manager, `record`) that also keeps the
+    projected direction. `with orthogonalise_weights(model, d): ...` restores on exit.
 
     Attributes:
         model: the edited model.
@@ -656,28 +450,9 @@ class WeightEdit:
     """
 
     def __init__(self, model: HookedTransformer, direction: Tensor, originals: dict[str, Tensor]):
-        self.model = model
+        super().__init__(model, originals, record={"kind": "orthogonalise_weights",
+                                                   "parameters": list(originals)})
         self.direction = direction
-        self.originals = originals
-        self.restored = False
-
-    def restore(self) -> None:
-        """Write the original values back into the model's parameters."""
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in self.originals.items():
-                params[name].copy_(value)
-        self.restored = True
-
-    def __enter__(self) -> WeightEdit:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if not self.restored:
-            self.restore()
-
-    def __repr__(self) -> str:
-        return f"WeightEdit({len(self.originals)} parameters, restored={self.restored})"
 
 
 def writing_parameters(model: HookedTransformer) -> list[str]:

@@ -126,7 +126,8 @@ def cache_activations(
         `skip_first` is reused as is.
     """
     import datasets
-    from datasets import Array2D, Dataset, Features, Sequence as HFSequence, Value
+    from datasets import Array2D, Dataset, Features, Value
+    from datasets import Sequence as HFSequence
 
     hook_names = tuple(dict.fromkeys(hook_names))
     missing = [h for h in hook_names if h not in model.hook_dict]

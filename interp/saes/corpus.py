@@ -39,7 +39,7 @@ def corpus_tokens(
     model: HookedTransformer,
     split: Literal["train", "heldout"] = "train",
     files: Sequence[str] | None = None,
-) -> Int[Tensor, "n_tokens"]:
+) -> Int[Tensor, " n_tokens"]:
     """The token stream of a corpus split (or of `files` under `corpus/`), without BOS tokens."""
     names = tuple(files) if files is not None else _split_files(split)
     texts = [data_file(f"corpus/{name}").read_text(encoding="utf-8") for name in names]
@@ -47,7 +47,7 @@ def corpus_tokens(
 
 
 def split_contexts(
-    stream: Int[Tensor, "n_tokens"],
+    stream: Int[Tensor, " n_tokens"],
     context_size: int,
     bos_token_id: int | None = None,
 ) -> Int[Tensor, "n_contexts context_size"]:
@@ -109,7 +109,7 @@ def _split_files(split: str) -> tuple[str, ...]:
     raise ValueError(f"Unknown corpus split {split!r}; use 'train' or 'heldout'.")
 
 
-def _encode(model: HookedTransformer, text: str) -> Int[Tensor, "n"]:
+def _encode(model: HookedTransformer, text: str) -> Int[Tensor, " n"]:
     if model.tokenizer is None:
         if model.cfg.d_vocab < 256:
             raise ValueError(f"{model.cfg.model_name} has no tokenizer and d_vocab "

@@ -64,8 +64,8 @@ class FeatureStats:
         skip_first: leading positions left out.
     """
 
-    density: Float[Tensor, "d_sae"]
-    mean_active: Float[Tensor, "d_sae"]
+    density: Float[Tensor, " d_sae"]
+    mean_active: Float[Tensor, " d_sae"]
     top_values: Float[Tensor, "d_sae k"]
     top_seq: Int[Tensor, "d_sae k"]
     top_pos: Int[Tensor, "d_sae k"]
@@ -73,11 +73,11 @@ class FeatureStats:
     skip_first: int
 
     @property
-    def max_act(self) -> Float[Tensor, "d_sae"]:
+    def max_act(self) -> Float[Tensor, " d_sae"]:
         return self.top_values[:, 0].clamp(min=0)
 
     @property
-    def live(self) -> Int[Tensor, "n_live"]:
+    def live(self) -> Int[Tensor, " n_live"]:
         """Latents active at least once."""
         return torch.nonzero(self.density > 0).flatten()
 
@@ -190,7 +190,7 @@ def feature_stats(
 
 def activation_density(model: HookedTransformer, sae: SAE, hook_name: str,
                        tokens: Int[Tensor, "batch pos"], batch_size: int = 8,
-                       skip_first: int | None = None) -> Float[Tensor, "d_sae"]:
+                       skip_first: int | None = None) -> Float[Tensor, " d_sae"]:
     """Fraction of tokens on which each latent is active."""
     return feature_stats(model, sae, hook_name, tokens, k=1, batch_size=batch_size,
                          skip_first=skip_first).density

@@ -268,7 +268,7 @@ class PromptPairs:
             int(n): self.select(lengths == n) for n in sorted(set(lengths.tolist()))
         }
 
-    def at_end(self, x: Float[Tensor, "batch pos *rest"]) -> Float[Tensor, "batch *rest"]:
+    def at_end(self, x: Float[Tensor, "batch pos *rest"]) -> Float[Tensor, " batch *rest"]:
         """Each row of `x` (logits, residuals, ... with batch and pos first) at its `end_pos`."""
         rows = torch.arange(x.shape[0], device=x.device)
         return x[rows, self.end_pos.to(x.device)]
@@ -561,6 +561,11 @@ _REQUIRED = ("clean", "corrupt", "answer", "wrong_answer")
 _ALIASES = {"wrong": "wrong_answer"}
 
 
+class PairsFileError(ValueError):
+    """A pairs file that `load_pairs` cannot use; the message names the file, the rows and the
+    problem (missing columns, multi-token answers, clean and corrupt of unequal lengths)."""
+
+
 def _read_rows(path: Path) -> tuple[list[dict], list[str], list[str]]:
     """(rows, columns found, a label per row such as "row 3" or "row 3 (line 4)")."""
     suffix = path.suffix.lower()
@@ -581,9 +586,9 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str], list[str]]:
             else:
                 rows = json.loads(text) if text.strip() else []
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+            raise PairsFileError(f"{path} is not valid JSON: {exc}") from exc
         if not isinstance(rows, list):
-            raise ValueError(
+            raise PairsFileError(
                 f"{path} holds a JSON {type(rows).__name__}; expected a list of objects with "
                 f"the keys {', '.join(_REQUIRED)}"
             )
@@ -592,7 +597,7 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str], list[str]]:
             if isinstance(row, dict):
                 columns += [k for k in row if k not in columns]
         return rows, columns, [f"row {i}" for i in range(1, len(rows) + 1)]
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl or .csv")
+    raise PairsFileError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl or .csv")
 
 
 def _check_row(
@@ -650,22 +655,25 @@ def load_pairs(path: str | Path, model: HookedTransformer, skip_invalid: bool = 
             instead of raising.
 
     Raises:
-        ValueError: missing columns (naming those found and those required), an empty file,
-            invalid rows (each named by row number, field and problem) unless `skip_invalid`,
-            or no valid row at all.
+        PairsFileError: no such file; missing columns (naming those found and those
+            required); an empty file; invalid rows (each named by row number, field and
+            problem) unless `skip_invalid`; no valid row at all.
     """
     _need_tokenizer(model, "tokenise prompt pairs")
     path = Path(path)
+    if not path.is_file():
+        raise PairsFileError(f"pairs file not found: {path}; pass an existing .json, .jsonl or "
+                             ".csv file")
     rows, columns, labels = _read_rows(path)
     if not rows:
-        raise ValueError(f"{path} has no rows; expected pairs with {', '.join(_REQUIRED)}")
+        raise PairsFileError(f"{path} has no rows; expected pairs with {', '.join(_REQUIRED)}")
     keys = {c: c for c in _REQUIRED}
     for alias, name in _ALIASES.items():
         if name not in columns and alias in columns:
             keys[name] = alias
     missing = [c for c in _REQUIRED if keys[c] not in columns]
     if missing:
-        raise ValueError(
+        raise PairsFileError(
             f"{path} is missing column(s) {missing}; it has {columns}. Required: "
             f"{list(_REQUIRED)} ('wrong' is accepted for 'wrong_answer')."
         )
@@ -680,13 +688,14 @@ def load_pairs(path: str | Path, model: HookedTransformer, skip_invalid: bool = 
     if invalid and not skip_invalid:
         shown = "; ".join(m for _, _, m in invalid[:10])
         more = f"; ... ({len(invalid) - 10} more)" if len(invalid) > 10 else ""
-        raise ValueError(
+        raise PairsFileError(
             f"{path}: {len(invalid)} of {len(rows)} rows are invalid: {shown}{more}. "
-            "Pass skip_invalid=True to leave them out."
+            "Fix those rows, or leave them out with skip_invalid=True (`--skip-invalid` in "
+            "`interp run relp-ioi`)."
         )
     if not good:
         shown = "; ".join(m for _, _, m in invalid[:10])
-        raise ValueError(f"{path}: all {len(rows)} rows are invalid: {shown}")
+        raise PairsFileError(f"{path}: all {len(rows)} rows are invalid: {shown}")
     if invalid:
         warnings.warn(
             f"{path}: skipped {len(invalid)} of {len(rows)} invalid rows: "

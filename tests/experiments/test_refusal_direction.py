@@ -12,6 +12,7 @@ import pytest
 from experiments.refusal_direction import CONDITIONS, wilson
 from interp import cli, models
 from interp.concepts.refusal import is_refusal, load_instructions
+from interp.judges import JudgeResult
 
 
 def test_wilson_interval_matches_hand_values():
@@ -55,6 +56,15 @@ def test_study_writes_rates_that_match_its_own_judgements(tmp_path, capsys):
         lo, hi = report["refusal_rate_ci95"][k]
         assert lo <= rate <= hi
         assert report["examples"][k] == texts[:3]
+        # both judges on every completion, saved beside the results: the phrase verdicts are
+        # the stored ones, and the per-completion refusal scores average to the test score
+        judged = JudgeResult.load(out / "refusal-direction" / models.DEFAULT_MODEL / "judged" / k)
+        assert judged.verdicts("completion") == texts and judged.verdicts("refused") == refused
+        item_scores = judged.verdicts("refusal_score")
+        assert sum(item_scores) / n_test == pytest.approx(report["test_scores"][k], abs=1e-5)
+        by_score = [x > 0 for x in item_scores]
+        agree = sum(a == b for a, b in zip(by_score, refused)) / n_test
+        assert report["judges"][k]["rates"]["agreement"]["rate"] == pytest.approx(agree)
     t = results["timings_s"]
     assert t["total"] >= t["select"] + t["generate"] > 0
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from interp import models
-from interp.tasks import ioi
 from interp.attribution.metrics import LogitDiff
+from interp.tasks import ioi
 from interp.tasks.ioi import generate_ioi, load_pairs, logit_diff
 
 NAME_SET = set(ioi.NAMES)
@@ -133,7 +133,7 @@ def test_abc_corruption_uses_three_new_distinct_names(abc):
 
 
 def test_swap_corruption_flips_the_answer(default_model, swap):
-    for i, (clean, corrupt) in enumerate(zip(swap.clean_texts, swap.corrupt_texts)):
+    for i, (_clean, corrupt) in enumerate(zip(swap.clean_texts, swap.corrupt_texts)):
         counts = Counter(_names(corrupt))
         assert sorted(counts.values()) == [1, 2], corrupt
         single = next(n for n, c in counts.items() if c == 1)
