@@ -71,6 +71,7 @@ __all__ = [
     "END_OF_TURN_TOKENS",
     "Generation",
     "Marker",
+    "last_position_logits",
     "PreallocatedKVCache",
     "batch_size_for_memory",
     "cached_attention",
@@ -587,7 +588,7 @@ def _attention_over_rotated_cache(model: HookedTransformer) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
-def _last_logits(
+def last_position_logits(
     model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"]
 ) -> Float[Tensor, "batch d_vocab"]:
     """Logits at the last position of the final residual stream (final norm, unembedding and
@@ -838,7 +839,7 @@ def _decode_batch(
     active = list(range(batch))  # rows still generating
     resid = model(tokens, attention_mask=mask, past_kv_cache=cache,
                   stop_at_layer=model.cfg.n_layers)
-    logits = _last_logits(model, resid)
+    logits = last_position_logits(model, resid)
     ones = torch.ones((batch, 1), dtype=torch.long, device=device)
     for step in range(max_new_tokens):
         if greedy:
@@ -867,7 +868,7 @@ def _decode_batch(
             nxt = torch.tensor(values, dtype=torch.long, device=device)
         resid = model(nxt[:, None], attention_mask=ones, past_kv_cache=cache,
                       stop_at_layer=model.cfg.n_layers)
-        logits = _last_logits(model, resid)
+        logits = last_position_logits(model, resid)
 
 
 def _contains(model: HookedTransformer, ids: list[int], strings: Sequence[str]) -> bool:
@@ -954,7 +955,7 @@ def next_token_logits(
         for first in range(0, len(prompts), batch_size):
             tokens, mask = left_pad(prompts[first:first + batch_size], pad_id(model), device)
             resid = model(tokens, attention_mask=mask, stop_at_layer=model.cfg.n_layers)
-            outs.append(_last_logits(model, resid).float().cpu())
+            outs.append(last_position_logits(model, resid).float().cpu())
     finally:
         for h in reversed(attached):
             h.detach()

@@ -58,9 +58,15 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from interp import hooks as _hooks
 from interp.concepts.collect import tokenize
-from interp.concepts.vectors import Generation, _pad_id, generate_with, left_pad, next_token_logits
 from interp.data import data_file
-from interp.generation import _last_logits  # TODO(lead): make public
+from interp.generation import (
+    Generation,
+    generate_with,
+    last_position_logits,
+    left_pad,
+    next_token_logits,
+    pad_id,
+)
 from interp.judges.refusal import REFUSAL_PHRASES, is_refusal  # re-exported from their owner
 from interp.layout import inference_layout
 
@@ -346,7 +352,7 @@ class SharedPrefix:
                                   past_kv_cache=cache, stop_at_layer=n_layers,
                                   attention_mask=mask)
                 resid = resid[torch.arange(len(tokens), device=tokens.device), last][:, None]
-                outs.append(_last_logits(model, resid).float().cpu())
+                outs.append(last_position_logits(model, resid).float().cpu())
         finally:
             for h in reversed(attached):
                 h.detach()
@@ -431,7 +437,7 @@ def _mean_last_positions(
     def keep(act: Tensor, hook: Any) -> None:
         total[index[hook.name]] += act[:, -n_post:].detach().double().sum(0).cpu()
 
-    pad = _pad_id(model)
+    pad = pad_id(model)
     for start in range(0, len(prompts), batch_size):
         tokens, mask = left_pad(prompts[start:start + batch_size], pad, model.cfg.device)
         model.run_with_hooks(tokens, attention_mask=mask, return_type=None,
