@@ -66,7 +66,7 @@ from interp.concepts.collect import collect
 from interp.concepts.datasets import CONCEPT_DEPTH, ConceptDataset, load_dataset, load_table
 from interp.concepts.probes import decodable_depth, depth_range, layer_probes, standard_errors
 from interp.results import write_results
-from interp.studies import StudyConfig, torch_threads
+from interp.studies import StudyConfig, StudyInputError, check_minimum, torch_threads
 
 DESCRIPTION = ("Concept Depth (Jin et al. 2024): probe accuracy per layer for each data set, the "
                "depth where each concept becomes decodable, under input noise and weight rounding.")
@@ -145,14 +145,15 @@ def _datasets(config: StudyConfig, options: dict[str, Any]) -> list[ConceptDatas
     limit = options["n_examples"] or None
     if options["dataset"] is not None:
         if not options["text_col"] or not options["label_col"]:
-            raise ValueError("--dataset needs --text-col and --label-col")
+            raise StudyInputError("--dataset needs --text-col and --label-col (the columns "
+                                  "holding the text and the binary label)")
         label_map = None
         if options["label_map"]:
             label_map = {}
             for item in options["label_map"]:
                 value, sep, target = item.rpartition("=")
                 if not sep or target not in ("0", "1"):
-                    raise ValueError(f"--label-map items are VALUE=0 or VALUE=1, got {item!r}")
+                    raise StudyInputError(f"--label-map items are VALUE=0 or VALUE=1, got {item!r}")
                 label_map[value] = int(target)
         return [load_table(options["dataset"], options["text_col"], options["label_col"],
                            positive=options["positive"], label_map=label_map,
@@ -180,6 +181,15 @@ def run(config: StudyConfig, datasets: list[str] | None = None, dataset: Path | 
         chat_template: bool = False, cv_folds: int = 5, test_fraction: float = 0.2,
         C: float = 1.0, fraction: float = 0.9, range_z: float = 1.0, batch_size: int = 32,
         memory_gb: float = 2.0, threads: int | None = None) -> dict:
+    check_minimum("n_examples", n_examples, 0)
+    check_minimum("cv_folds", cv_folds, 0)
+    check_minimum("batch_size", batch_size, 1)
+    check_minimum("threads", threads, 1)
+    if cv_folds == 1:
+        raise StudyInputError("cv_folds must be 0 (one hold-out split) or >= 2, got 1 (--cv-folds)")
+    if not cv_folds and not 0 < test_fraction < 1:
+        raise StudyInputError(f"test_fraction must be between 0 and 1, got {test_fraction} "
+                              "(--test-fraction)")
     if threads is not None:  # set for this run only
         with torch_threads(threads):
             return run(**dict(locals(), threads=None))
@@ -189,7 +199,7 @@ def run(config: StudyConfig, datasets: list[str] | None = None, dataset: Path | 
     conditions = list(conditions or DEFAULT_CONDITIONS)
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown:
-        raise ValueError(f"unknown conditions {unknown}; choose from {CONDITIONS}")
+        raise StudyInputError(f"unknown conditions {unknown}; choose from {CONDITIONS}")
     torch.manual_seed(config.seed)
     out = config.out_dir("concept-depth")
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -229,7 +239,8 @@ def run(config: StudyConfig, datasets: list[str] | None = None, dataset: Path | 
                     model = _load(config, condition)
                 entry = _one(model, ds, condition, config.seed, prompt, chat_template, cv_folds,
                              test_fraction, C, batch_size, memory_gb)
-                path.write_text(json.dumps(entry))
+                path.with_suffix(".tmp").write_text(json.dumps(entry))  # a kill leaves no half file
+                path.with_suffix(".tmp").replace(path)
                 sec = entry["seconds"]
                 print(f"{ds.name} / {condition}: collection {sec['collect']:.1f} s "
                       f"({sec['collect_cpu']:.1f} s CPU), probes {sec['probes']:.1f} s "

@@ -13,9 +13,9 @@ import time
 import torch
 
 from interp import models, plots
-from interp.tokens import single_token
 from interp.results import write_results
-from interp.studies import StudyConfig
+from interp.studies import StudyConfig, StudyInputError, check_minimum
+from interp.tokens import single_token
 
 DESCRIPTION = "Top next tokens and a logit lens on one IOI prompt (a quick smoke test)."
 PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -30,12 +30,16 @@ def add_arguments(parser) -> None:
 
 def run(config: StudyConfig, prompt: str = PROMPT, answer: str = " Mary", wrong: str = " John",
         top_k: int = 10) -> dict:
+    check_minimum("top_k", top_k, 1)
     torch.manual_seed(config.seed)
     out = config.out_dir("demo")
     t0 = time.perf_counter()
     model = models.load(config.model, device=config.device, dtype=config.dtype)
     t_load = time.perf_counter() - t0
-    answer_ids = [single_token(model, answer, "answer"), single_token(model, wrong, "wrong answer")]
+    try:
+        answer_ids = [single_token(model, answer, "answer"), single_token(model, wrong, "wrong answer")]
+    except ValueError as exc:  # the message names the token and the fix
+        raise StudyInputError(f"{exc} (--answer, --wrong)") from exc
 
     tokens = model.to_tokens(prompt)
     t0 = time.perf_counter()

@@ -39,7 +39,7 @@ from interp.attribution.lrp import LRPRules
 from interp.attribution.patching import exact_patching
 from interp.attribution.relp import relp
 from interp.results import write_results
-from interp.studies import StudyConfig
+from interp.studies import StudyConfig, check_minimum
 from interp.tasks import generate_ioi, load_pairs
 
 DESCRIPTION = "Agreement of AtP, IG and RelP (with rule variants) with exact patching on IOI."
@@ -93,6 +93,8 @@ def _pairs(model, config: StudyConfig, n_pairs: int, corruption: str, pairs_file
 def run(config: StudyConfig, n_pairs: int = 50, corruption: str = "abc", pairs: Path | None = None,
         skip_invalid: bool = False, ig_steps: int = 5, memory_gb: float = 2.0,
         ig_activations: bool = False) -> dict:
+    check_minimum("n_pairs", n_pairs, 1)
+    check_minimum("ig_steps", ig_steps, 1)
     torch.manual_seed(config.seed)
     out = config.out_dir("relp-ioi")
     timings: dict[str, float] = {}
@@ -137,7 +139,8 @@ def run(config: StudyConfig, n_pairs: int = 50, corruption: str = "abc", pairs: 
         result = compute()
         timings[name] = time.perf_counter() - t0
         scores[name] = {**result, "_seconds": timings[name]}
-        torch.save(scores[name], path)
+        torch.save(scores[name], path.with_suffix(".tmp"))  # then renamed: a kill leaves no half file
+        path.with_suffix(".tmp").replace(path)
         print(f"{name}: {timings[name]:.1f} s")
 
     table = {fam: {m: dataclasses.asdict(agreement(scores[m][fam], scores["exact"][fam]))

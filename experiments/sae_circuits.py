@@ -35,12 +35,21 @@ from interp.attribution.atp import attribution_patching
 from interp.attribution.compare import pearson, spearman, top_k_overlap
 from interp.attribution.ig import integrated_gradients
 from interp.attribution.relp import relp
+from interp.hooks import hook_names
 from interp.results import write_results
-from interp.saes import attach, cache_activations, corpus_contexts, inspect_features, load_local
-from interp.saes import saes_dir, train_sae, write_feature_pages
+from interp.saes import (
+    attach,
+    cache_activations,
+    corpus_contexts,
+    inspect_features,
+    load_local,
+    saes_dir,
+    train_sae,
+    write_feature_pages,
+)
 from interp.saes.activations import model_tag
 from interp.saes.circuits import ablation_means, faithfulness_curve, latent_families
-from interp.studies import StudyConfig
+from interp.studies import StudyConfig, StudyInputError, check_minimum
 from interp.tasks.sva import TEMPLATES, generate_sva
 
 DESCRIPTION = ("Sparse feature circuits on subject-verb agreement (Marks et al. 2024): SAEs at "
@@ -74,6 +83,20 @@ def run(config: StudyConfig, layers: str | None = None, hook: str = "hook_resid_
         architecture: str = "topk", k: int = 32, expansion: int = 4, n_tokens: int = 60_000,
         epochs: float = 4.0, eval_tokens: int = 4096, n_pairs: int = 32, template: int = 1,
         ig_steps: int = 10, n_pages: int = 8) -> dict:
+    for name, value, minimum in (("k", k, 1), ("expansion", expansion, 1), ("n_tokens", n_tokens, 1),
+                                 ("eval_tokens", eval_tokens, 2), ("n_pairs", n_pairs, 1),
+                                 ("ig_steps", ig_steps, 1), ("n_pages", n_pages, 0)):
+        check_minimum(name, value, minimum)
+    if not epochs > 0:
+        raise StudyInputError(f"epochs must be > 0, got {epochs} (--epochs)")
+    if not 0 <= template < len(TEMPLATES):
+        raise StudyInputError(f"template {template} does not exist: SVA template ids are "
+                              f"0..{len(TEMPLATES) - 1} (--template)")
+    try:
+        layer_list = [int(x) for x in layers.split(",")] if layers else None
+    except ValueError:
+        raise StudyInputError(f"--layers takes comma-separated layer numbers such as 2,4; got "
+                              f"{layers!r}") from None
     torch.manual_seed(config.seed)
     out = config.out_dir("sae-circuits")
     timings: dict[str, float] = {}
@@ -81,12 +104,16 @@ def run(config: StudyConfig, layers: str | None = None, hook: str = "hook_resid_
     model = models.load(config.model, device=config.device, dtype=config.dtype)
     timings["load"] = time.perf_counter() - t0
     n_layers = model.cfg.n_layers
-    layer_list = ([int(x) for x in layers.split(",")] if layers
-                  else sorted({round(n_layers * (i + 1) / 5) for i in range(4)} - {n_layers}))
+    layer_list = layer_list or sorted({round(n_layers * (i + 1) / 5) for i in range(4)} - {n_layers})
     bad = [layer for layer in layer_list if not 0 <= layer < n_layers]
     if bad:
-        raise ValueError(f"layers {bad} out of range: {config.model} has {n_layers} layers")
+        raise StudyInputError(f"layers {bad} out of range: {config.model} has {n_layers} layers "
+                              f"(--layers takes 0..{n_layers - 1})")
     hooks = [f"blocks.{layer}.{hook}" for layer in layer_list]
+    try:
+        hook_names(model, hooks, layers=None)
+    except ValueError as exc:  # names the hook point and the close matches
+        raise StudyInputError(f"--hook {hook!r}: {exc}") from exc
     train_args = dict(architecture=architecture, k=k, expansion=expansion, n_tokens=n_tokens,
                       epochs=epochs, eval_tokens=eval_tokens, seed=config.seed)
     t0 = time.perf_counter()
@@ -123,7 +150,8 @@ def run(config: StudyConfig, layers: str | None = None, hook: str = "hook_resid_
                 t0 = time.perf_counter()
                 result = compute()
                 scores[name] = {"scores": result, "seconds": time.perf_counter() - t0}
-                torch.save(scores[name], path)
+                torch.save(scores[name], path.with_suffix(".tmp"))  # a kill leaves no half file
+                path.with_suffix(".tmp").replace(path)
             timings[name] = scores[name]["seconds"]
             print(f"{name}: {timings[name]:.1f} s")
         means = ablation_means(model, torch.cat([clean, corrupt]), fams)
@@ -255,7 +283,7 @@ def _pages(model, saes: dict, top: list[dict], out: Path, n_pages: int, seed: in
 
 
 def _print(results: dict) -> None:
-    print(f"\nSAE quality (held-out): " + "; ".join(
+    print("\nSAE quality (held-out): " + "; ".join(
         f"{h}: fve {q['quality']['fve_typical']:.3f}, CE rec {q['quality']['ce_loss_recovered']:.3f}"
         for h, q in results["sae_quality"].items() if q.get("quality")))
     print(f"logit diff clean {results['logit_diff']['clean']:.3f}, "

@@ -11,6 +11,27 @@ import sys
 from pathlib import Path
 
 from interp import models, studies
+from interp.concepts.datasets import DatasetError
+from interp.tasks import PairsFileError
+
+#: The library's errors whose message names the bad input and the fix. The command prints them
+#: as one line (`interp: <message>`) and exits 2; any other exception is a bug and keeps its
+#: traceback.
+INPUT_ERRORS: tuple[type[Exception], ...] = (
+    models.ModelLoadError, studies.StudyInputError, DatasetError, PairsFileError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, reporting a bad command line as one line (`interp: <problem>; see
+    `<command> --help``) with exit status 2, instead of the usage block and the problem."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"interp: {one_line(message)}; see `{self.prog} --help`\n")
+
+
+def one_line(message: str) -> str:
+    """`message` with its line breaks (and runs of spaces) folded into single spaces."""
+    return " ".join(str(message).split())
 
 
 def _cmd_models(_: argparse.Namespace) -> int:
@@ -36,7 +57,7 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="interp", description="Mechanistic-interpretability workbench.")
+    parser = Parser(prog="interp", description="Mechanistic-interpretability workbench.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="list the embedded models").set_defaults(func=_cmd_models)
     run = sub.add_parser("run", help="run a study")
@@ -69,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except models.ModelLoadError as exc:
-        print(f"interp: {exc}", file=sys.stderr)
+    except INPUT_ERRORS as exc:
+        print(f"interp: {one_line(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -38,7 +38,6 @@ import os
 import socket
 import tempfile
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -497,7 +496,6 @@ def _weights_file(processing: bool) -> str:
 def _load_converted(entry: Path, *, processing: bool, device: str, dtype: torch.dtype):
     """A cached conversion as a HookedTransformer: build the empty module, assign the weights."""
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
     cfg_dict = json.loads((entry / "config.json").read_text())
     model = HookedTransformer(_tl_config(cfg_dict, processing), move_to_device=False)
@@ -887,7 +885,7 @@ def check_hub(name: str, timeout: float = HUB_TIMEOUT_S) -> None:
         urllib.request.urlopen(req, timeout=timeout).close()
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 404):
-            raise UnknownModelError(_unknown_message(name, f"the Hub has no model {name!r}"))
+            raise UnknownModelError(_unknown_message(name, f"the Hub has no model {name!r}")) from exc
         raise HubUnreachableError(hint.format(why=f"(HTTP {exc.code})")) from exc
     except (OSError, TimeoutError) as exc:
         raise HubUnreachableError(hint.format(why=f"({type(exc).__name__}: {exc})")) from exc

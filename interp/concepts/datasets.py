@@ -208,6 +208,15 @@ def _read_rows(path: Path, records_key: str | None) -> list[dict[str, Any]]:
     raise DatasetError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json or .jsonl")
 
 
+def _one_class_error(where: str, label_col: str, value: str) -> DatasetError:
+    """The error for a data set whose rows all carry one class: a probe needs both."""
+    return DatasetError(
+        f"{where}: every row has the label {value!r} in column {label_col!r}, so there is one "
+        "class only; a probe needs examples of both classes: use a file with both labels (or "
+        "another --label-col / label_map)"
+    )
+
+
 def _binarise(raw: list[str], label_col: str, where: str, positive: str | None,
               label_map: Mapping[Any, int] | None) -> tuple[list[int], tuple[str, str]]:
     values = sorted(set(raw))
@@ -216,7 +225,12 @@ def _binarise(raw: list[str], label_col: str, where: str, positive: str | None,
         if set(mapping.values()) - {0, 1}:
             raise DatasetError(f"label_map values must be 0 or 1, got {sorted(set(mapping.values()))}")
         names = ["/".join(k for k, v in mapping.items() if v == c) for c in (0, 1)]
-        return [mapping[v] for v in raw], (names[0], names[1])
+        labels = [mapping[v] for v in raw]
+        if len(set(labels)) < 2:
+            raise _one_class_error(where, label_col, names[labels[0]] if labels else "(none)")
+        return labels, (names[0], names[1])
+    if len(values) == 1:
+        raise _one_class_error(where, label_col, values[0])
     if len(values) != 2:
         shown = values[:10] + (["..."] if len(values) > 10 else [])
         raise DatasetError(

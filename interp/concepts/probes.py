@@ -66,7 +66,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, Union
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from torch import Tensor
 

@@ -5,7 +5,7 @@
 `PromptPairs.metric` gives the (normalised) logit-difference metric every method takes.
 """
 
-from interp.tasks.ioi import PromptPairs, generate_ioi, load_pairs, logit_diff
+from interp.tasks.ioi import PairsFileError, PromptPairs, generate_ioi, load_pairs, logit_diff
 from interp.tasks.sva import generate_sva
 
-__all__ = ["PromptPairs", "generate_ioi", "generate_sva", "load_pairs", "logit_diff"]
+__all__ = ["PairsFileError", "PromptPairs", "generate_ioi", "generate_sva", "load_pairs", "logit_diff"]

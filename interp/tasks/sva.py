@@ -83,7 +83,6 @@ import random
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
-import torch
 from transformer_lens import HookedTransformer
 
 from interp.tasks.ioi import (

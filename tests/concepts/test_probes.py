@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from interp.concepts.probes import (ProbeResults, decodable_depth, depth_range, layer_probes,
-                                    probe_split, standard_errors)
+from interp.concepts.probes import (
+    ProbeResults,
+    decodable_depth,
+    depth_range,
+    layer_probes,
+    probe_split,
+    standard_errors,
+)
 
 
 def _planted(n=300, d=48, seed=0):

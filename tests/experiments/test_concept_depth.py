@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from interp import cli, models, plots
-from interp.concepts.datasets import DatasetError
+from interp.concepts.datasets import DatasetError, load_table
 
 WORDS = "the a cat dog sat ran on mat big small red blue".split()
 
 
 def _tokenizer(tmp_path):
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<bos>": 1, "<unk>": 2}
@@ -131,8 +132,10 @@ def test_rounding_changes_weights_by_the_expected_amount():
         round_weights(model, "int4")
 
 
-def test_missing_column_is_reported(tmp_path, tiny_with_tokenizer):
+def test_missing_column_is_reported(tmp_path, tiny_with_tokenizer, capsys):
     data = _csv(tmp_path)
+    assert cli.main(["run", "concept-depth", "--model", "tiny-llama", "--dataset", str(data),
+                     "--text-col", "sentence", "--label-col", "label", "--out", str(tmp_path / "o")]) == 2
+    assert "text column 'sentence' is missing" in capsys.readouterr().err
     with pytest.raises(DatasetError, match="text column 'sentence' is missing"):
-        cli.main(["run", "concept-depth", "--model", "tiny-llama", "--dataset", str(data),
-                  "--text-col", "sentence", "--label-col", "label", "--out", str(tmp_path / "o")])
+        load_table(data, "sentence", "label")

@@ -55,6 +55,6 @@ def test_sae_circuits_end_to_end(tmp_path, monkeypatch, capsys):
     assert again["faithfulness"]["ig"]["faithfulness"] == results["faithfulness"]["ig"]["faithfulness"]
 
 
-def test_bad_layer_is_reported(tmp_path):
-    with pytest.raises(ValueError, match=r"layers \[99\] out of range: smollm2-135m-instruct has 30"):
-        cli.main(["run", "sae-circuits", "--out", str(tmp_path), "--layers", "99"])
+def test_bad_layer_is_reported(tmp_path, capsys):
+    assert cli.main(["run", "sae-circuits", "--out", str(tmp_path), "--layers", "99"]) == 2
+    assert "layers [99] out of range: smollm2-135m-instruct has 30" in capsys.readouterr().err
