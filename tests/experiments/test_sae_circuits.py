@@ -19,6 +19,7 @@ ARGS = ["--layers", "2,4", "--n-tokens", "2048", "--epochs", "1", "--eval-tokens
         "--expansion", "1", "--n-pairs", "4", "--ig-steps", "2", "--n-pages", "2"]
 
 
+@pytest.mark.slow  # two SAEs trained on SmolLM2: minutes on 2 cores
 def test_sae_circuits_end_to_end(tmp_path, monkeypatch, capsys):
     import experiments.sae_circuits as study
 
