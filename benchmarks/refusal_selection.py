@@ -3,7 +3,7 @@
 The reference scores every candidate the straightforward way: for each candidate, left-padded
 `next_token_logits` over the validation prompts with the ablation hooks (bypass and KL) and with
 the addition hook (induce), TransformerLens's weight layout as it is. Ours shares the prompts'
-common chat prefix through a KV cache (`shared_prefix_logits`) and runs inside
+common chat prefix through a KV cache (`SharedPrefix`) and runs inside
 `inference_layout`. Both are timed in this run on the same candidates (interleaved, median of
 `--repeats`), and their score tables must agree (max |diff| printed; non-zero exit otherwise).
 Writes results/benchmarks/refusal_selection.json.

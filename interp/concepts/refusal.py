@@ -87,7 +87,6 @@ __all__ = [
     "refusal_scores",
     "refusal_token_ids",
     "SharedPrefix",
-    "shared_prefix_logits",
     "common_prefix_length",
     "select_direction",
 ]
@@ -357,17 +356,6 @@ class SharedPrefix:
             for h in reversed(attached):
                 h.detach()
         return torch.cat(outs)
-
-
-def shared_prefix_logits(
-    model: HookedTransformer,
-    prompts: Prompts,
-    hooks: Sequence[_hooks.Hook] | _hooks.Hook | None = (),
-    batch_size: int = 32,
-) -> Float[Tensor, "n d_vocab"]:
-    """Next-token logits after each prompt, computing the prompts' common prefix once
-    (`SharedPrefix`; position-independent hooks only)."""
-    return SharedPrefix(model, prompts, batch_size).logits(hooks)
 
 
 def _expand_cache(head: TransformerLensKeyValueCache, n: int) -> TransformerLensKeyValueCache:
