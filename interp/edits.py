@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -89,7 +89,7 @@ class WeightEdit:
                     params[name].copy_(value)
         self.restored = True
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> WeightEdit:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -61,6 +61,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.components import AbstractAttention
 from transformer_lens.utilities.activation_functions import apply_softcap
 
@@ -419,10 +420,11 @@ def batch_size_for_memory(
 # --------------------------------------------------------------------------------------------
 
 
-class _PreallocatedEntry:
-    """One layer's keys and values in buffers of a fixed capacity; a drop-in for
+class _PreallocatedEntry(TransformerLensKeyValueCacheEntry):
+    """One layer's keys and values in buffers of a fixed capacity; a subclass of
     TransformerLens's `TransformerLensKeyValueCacheEntry` (same `past_keys`, `past_values`,
-    `append`), except that `append` writes into the buffers instead of concatenating.
+    `append`), except that `append` writes into the buffers instead of concatenating (and
+    `past_keys`/`past_values` are read-only views, so the dataclass `__init__` is not used).
 
     The buffers are `[batch, kv_head, capacity, d_head]` (the layout attention reads them in);
     `past_keys`/`past_values` are `[batch, pos, kv_head, d_head]` views, as TransformerLens
@@ -491,7 +493,7 @@ class PreallocatedKVCache(TransformerLensKeyValueCache):
             for _ in range(cfg.n_layers)
         ]
         mask = torch.empty((batch, 0), dtype=torch.int, device=device)
-        return cls(entries=entries, previous_attention_mask=mask)  # type: ignore[arg-type]
+        return cls(entries=entries, previous_attention_mask=mask)
 
 
 # --------------------------------------------------------------------------------------------

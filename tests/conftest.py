@@ -5,8 +5,20 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Shapes: every annotation in interp and experiments is checked at run time: beartype checks the
+# types (an int passes for a float, PEP 484's numeric tower), jaxtyping the named dimensions,
+# consistently within each call. The hook must be installed before either package is imported.
+# INTERP_TYPECHECK=0 turns it off.
+if os.environ.get("INTERP_TYPECHECK", "1") != "0":
+    from jaxtyping import install_import_hook
+
+    install_import_hook(
+        ["interp", "experiments"],
+        "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))",
+    )
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from interp import models
@@ -56,6 +68,23 @@ def load_or_skip():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _runtime_type_checks(request):
+    """Runtime type checks stay on, except in tests marked `unchecked`: those pass a wrongly
+    typed value on purpose to check interp's own error message (what a user sees, since users
+    run without the checker)."""
+    if request.node.get_closest_marker("unchecked") is None:
+        yield
+        return
+    import jaxtyping
+
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)
 
 
 def _random_pairs(model, batch=3, pos=6, seed=0):

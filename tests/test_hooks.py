@@ -480,6 +480,7 @@ def test_capture_keeps_grad_on_request(gpt2):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.unchecked
 def test_errors(gpt2):
     v = _randn(64)
     with pytest.raises(ValueError, match=r"size 32 in its last dimension, expected d_model=64"):

@@ -30,7 +30,7 @@ from transformer_lens import HookedTransformer
 
 from interp.attribution.metrics import LogitDiff
 from interp.attribution.patching import Direction, check_pairs, targets
-from interp.attribution.sites import Scores, default_labels, families
+from interp.attribution.sites import FamilySpec, Scores, default_labels, families
 
 
 def attribution_patching(
@@ -38,7 +38,7 @@ def attribution_patching(
     clean_tokens: Int[Tensor, "batch pos"],
     corrupt_tokens: Int[Tensor, "batch pos"],
     metric: LogitDiff,
-    site_families: str | Sequence[str] = ("resid", "attn", "mlp", "heads"),
+    site_families: FamilySpec = ("resid", "attn", "mlp", "heads"),
     direction: Direction = "denoise",
     method: str = "atp",
 ) -> dict[str, Scores]:
@@ -63,7 +63,7 @@ def prepare(
     clean_tokens: Tensor,
     corrupt_tokens: Tensor,
     metric: LogitDiff,
-    site_families: str | Sequence[str],
+    site_families: FamilySpec,
     direction: Direction,
 ) -> tuple[Tensor, Tensor, list, list[str]]:
     """Checked (target, source) tokens on the model's device, the families, and their hook names."""

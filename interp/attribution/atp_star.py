@@ -46,18 +46,20 @@ rotary); it raises otherwise. Attention sinks and ALiBi are not supported by the
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union
 
 import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
+from transformer_lens import ActivationCache, HookedTransformer
 
 from interp.attribution.atp import prepare
 from interp.attribution.metrics import LogitDiff
 from interp.attribution.patching import Direction
-from interp.attribution.sites import Scores, default_labels
+from interp.attribution.sites import FamilySpec, Scores, default_labels
+
+Activations = Union[ActivationCache, dict[str, Tensor]]  # hook name -> activation
 
 HEAD_FAMILIES = ("heads", "heads_by_pos")
 
@@ -67,7 +69,7 @@ def atp_star(
     clean_tokens: Int[Tensor, "batch pos"],
     corrupt_tokens: Int[Tensor, "batch pos"],
     metric: LogitDiff,
-    site_families: str | Sequence[str] = ("resid", "attn", "mlp", "heads"),
+    site_families: FamilySpec = ("resid", "attn", "mlp", "heads"),
     direction: Direction = "denoise",
     grad_drop: bool = False,
     method: str | None = None,
@@ -176,9 +178,9 @@ def _attention_hooks(model: HookedTransformer) -> dict[str, str]:
 def _estimates(
     model: HookedTransformer,
     fams: Sequence,
-    target: dict[str, Tensor],
-    source: dict[str, Tensor],
-    grads: dict[str, Tensor],
+    target: Activations,
+    source: Activations,
+    grads: Activations,
     attn_names: dict[str, str],
 ) -> dict[str, Float[Tensor, "layer ..."]]:
     """Per family, `[n_layers, *site axes]` estimates from one set of gradients."""

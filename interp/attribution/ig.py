@@ -23,7 +23,7 @@ point: cost `n_hook_points` forward and backward passes on `steps` times the bat
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal
 
 import einops
 import torch
@@ -34,7 +34,7 @@ from transformer_lens import HookedTransformer
 from interp.attribution.atp import activation_grads, prepare, scores_from_grads
 from interp.attribution.metrics import LogitDiff
 from interp.attribution.patching import Direction
-from interp.attribution.sites import Scores
+from interp.attribution.sites import FamilySpec, Scores
 
 EMBED_HOOKS = ("hook_embed", "hook_pos_embed")
 
@@ -44,7 +44,7 @@ def integrated_gradients(
     clean_tokens: Int[Tensor, "batch pos"],
     corrupt_tokens: Int[Tensor, "batch pos"],
     metric: LogitDiff,
-    site_families: str | Sequence[str] = ("resid", "attn", "mlp", "heads"),
+    site_families: FamilySpec = ("resid", "attn", "mlp", "heads"),
     direction: Direction = "denoise",
     steps: int = 5,
     path: Literal["inputs", "activations"] = "inputs",

@@ -41,7 +41,7 @@ import hashlib
 import math
 from functools import partial
 from pathlib import Path
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 import einops
 import torch
@@ -54,7 +54,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from transformer_lens.hook_points import HookPoint
 
 from interp.attribution.metrics import LogitDiff, final_columns
-from interp.attribution.sites import Scores, SiteFamily, default_labels, families
+from interp.attribution.sites import FamilySpec, Scores, SiteFamily, default_labels, families
 from interp.layout import inference_layout
 
 Direction = Literal["denoise", "noise"]
@@ -90,7 +90,7 @@ def exact_patching(
     clean_tokens: Int[Tensor, "batch pos"],
     corrupt_tokens: Int[Tensor, "batch pos"],
     metric: LogitDiff,
-    site_families: str | SiteFamily | Sequence[str | SiteFamily] = ("resid", "attn", "mlp", "heads"),
+    site_families: FamilySpec = ("resid", "attn", "mlp", "heads"),
     direction: Direction = "denoise",
     memory_gb: float = 2.0,
     progress: bool = True,

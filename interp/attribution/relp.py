@@ -10,8 +10,6 @@ activation differences, are bit-identical to AtP's; only the gradient factor cha
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
@@ -20,7 +18,7 @@ from interp.attribution.atp import attribution_patching
 from interp.attribution.lrp import LRPRules, lrp_rules
 from interp.attribution.metrics import LogitDiff
 from interp.attribution.patching import Direction
-from interp.attribution.sites import Scores
+from interp.attribution.sites import FamilySpec, Scores
 
 
 def relp(
@@ -28,7 +26,7 @@ def relp(
     clean_tokens: Int[Tensor, "batch pos"],
     corrupt_tokens: Int[Tensor, "batch pos"],
     metric: LogitDiff,
-    site_families: str | Sequence[str] = ("resid", "attn", "mlp", "heads"),
+    site_families: FamilySpec = ("resid", "attn", "mlp", "heads"),
     direction: Direction = "denoise",
     rules: LRPRules | None = None,
     method: str = "relp",

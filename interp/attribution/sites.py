@@ -20,7 +20,7 @@ axes and labels, so any two methods compare one to one (`Scores.flat()`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 from jaxtyping import Float
@@ -98,7 +98,11 @@ def family(name: str | SiteFamily) -> SiteFamily:
         raise ValueError(f"Unknown site family {name!r}; known: {', '.join(FAMILIES)}") from None
 
 
-def families(names: str | SiteFamily | Sequence[str | SiteFamily]) -> list[SiteFamily]:
+FamilySpec = Union[str, SiteFamily, Sequence[Union[str, SiteFamily]]]
+"""What a method's `site_families` takes: a family's name, a `SiteFamily`, or a sequence of them."""
+
+
+def families(names: FamilySpec) -> list[SiteFamily]:
     return [family(n) for n in ([names] if isinstance(names, (str, SiteFamily)) else names)]
 
 

@@ -65,6 +65,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.attribution.metrics import LogitDiff
+from interp.generation import pad_id
 from interp.tokens import single_token
 
 __all__ = [
@@ -294,14 +295,6 @@ def _stack(pairs_tokens: Sequence[list[int]], pad: int) -> Int[Tensor, "batch po
     for i, t in enumerate(pairs_tokens):
         out[i, : len(t)] = torch.tensor(t, dtype=torch.long)
     return out
-
-
-def _pad_id(model: HookedTransformer) -> int:
-    tok = model.tokenizer
-    for candidate in (tok.pad_token_id, tok.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def _encode(model: HookedTransformer, text: str) -> list[int]:
@@ -536,7 +529,7 @@ def pairs_from_rows(
         for slot in slots
     }
     positions["end"] = end
-    pad = _pad_id(model)
+    pad = pad_id(model)
     return PromptPairs(
         clean_tokens=_stack([clean.ids for *_, clean, _ in rows], pad),
         corrupt_tokens=_stack([corrupt.ids for *_, corrupt in rows], pad),
@@ -708,7 +701,7 @@ def load_pairs(path: str | Path, model: HookedTransformer, skip_invalid: bool = 
         labels_used = [path.name]
     label_id = {lab: i for i, lab in enumerate(labels_used)}
     end = torch.tensor([len(g["clean"]) - 1 for g in good])
-    pad = _pad_id(model)
+    pad = pad_id(model)
     return PromptPairs(
         clean_tokens=_stack([g["clean"] for g in good], pad),
         corrupt_tokens=_stack([g["corrupt"] for g in good], pad),

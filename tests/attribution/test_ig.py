@@ -84,6 +84,7 @@ def test_ig_equals_atp_and_exact_patching_on_a_linear_model(linear_model, random
         assert torch.allclose(ig[fam].values, exact[fam].values, atol=1e-4), fam
 
 
+@pytest.mark.unchecked
 def test_bad_steps(random_pairs):
     model = models.load("tiny-gpt2")
     clean, corrupt, metric = random_pairs(model)

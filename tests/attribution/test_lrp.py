@@ -352,6 +352,7 @@ def test_identity_rule_switched_on_after_entering_applies(tiny):
     _close(g_pre, g_post * _gelu_new_over_x(store[names[0]].detach()))
 
 
+@pytest.mark.unchecked
 def test_bad_attn_pattern_is_refused(tiny):
     with pytest.raises(ValueError, match="attn_pattern"):
         LRPRules(attn_pattern="softmax")

@@ -249,6 +249,10 @@ def test_load_instructions_reads_the_splits_with_a_seeded_subsample():
     assert a == R.load_instructions("harmless", "train", n=10, seed=3)
     assert a != R.load_instructions("harmless", "train", n=10, seed=4)
     assert len(set(a)) == 10 and set(a) <= set(R.load_instructions("harmless", "train"))
+
+
+@pytest.mark.unchecked
+def test_load_instructions_rejects_an_unknown_kind():
     with pytest.raises(ValueError, match="kind must be"):
         R.load_instructions("evil", "train")
 

@@ -115,6 +115,7 @@ def test_degenerate_text():
     assert not I.is_degenerate("Yes, I notice an injected thought about the ocean.")
 
 
+@pytest.mark.unchecked
 def test_trial_validation():
     with pytest.raises(ValueError, match="trial_type"):
         I.IntrospectionTrial("Yes", "apple", "inject")

@@ -166,6 +166,7 @@ def test_too_few_single_token_names(default_model):
         generate_ioi(default_model, 4, places=["Xzylophia", "Zbigniewa"])
 
 
+@pytest.mark.unchecked
 def test_generation_errors(default_model):
     with pytest.raises(ValueError, match="unknown corruption 'abba'"):
         generate_ioi(default_model, 4, corruption="abba")
@@ -272,6 +273,7 @@ def test_swap_corrupt_prefers_the_clean_subject(default_model, swap):
     assert metric.clean > 1.0 and metric.corrupt < -1.0
 
 
+@pytest.mark.unchecked
 def test_logit_diff_positions_and_shapes():
     logits = torch.zeros(2, 3, 5)
     logits[0, 1, 4], logits[0, 2, 4] = 7.0, 1.0
