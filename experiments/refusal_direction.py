@@ -71,7 +71,7 @@ class Options:
     n_val: int = option(16, "validation instructions each, for selection", minimum=1)
     n_test: int = option(32, "test instructions each, for scores and rates", minimum=1)
     max_new_tokens: int = option(48, "greedy completion length for the refusal rate", minimum=1)
-    layers: list[int] | None = option(None, "evaluate candidates at these layers only "
+    layers: Sequence[int] | None = option(None, "evaluate candidates at these layers only "
                                             "(default: all unpruned)")
     kl_threshold: float = option(0.1, "largest KL on harmless prompts under ablation")
     induce_threshold: float = option(0.0, "harmless refusal score under addition must exceed this")

@@ -122,7 +122,7 @@ KNOWS_ALL = ("You are a model that knows everything about {concept}.\n\nGiven th
 class Options:
     """The study's options (the command line is built from them)."""
 
-    concepts: list[str] | None = option(None, "concept names to consider (default: all 28)")
+    concepts: Sequence[str] | None = option(None, "concept names to consider (default: all 28)")
     max_concepts: int | None = option(None, "run unlearning on at most this many known concepts",
                                       minimum=1)
     n_questions: int = option(10, "target questions per concept (the data has 10)", minimum=1)
@@ -132,17 +132,17 @@ class Options:
     knowledge_threshold: float = option(0.5, "keep a concept when its knowledge score reaches this")
     top_k: int = option(200, "top projected tokens per value vector", minimum=1)
     final_norm: bool = option(False, "project value vectors after the final norm (the paper: no)")
-    layers: list[int] | None = option(None, "score value vectors of these layers (default all)")
+    layers: Sequence[int] | None = option(None, "score value vectors of these layers (default all)")
     layer_stride: int = option(1, "score every n-th layer only (with --layers unset)", minimum=1)
     n_locator_texts: int = option(8, "article chunks with and without the concept for (b)",
                                   minimum=2)
     n_projection_candidates: int = option(3, "candidates from the projection ranking", minimum=0)
     n_activation_candidates: int = option(2, "candidates from the activation ranking", minimum=0)
-    sigmas: list[float] = option((0.1, 0.3, 0.5, 1.0), "noise scales of the causal validation "
+    sigmas: Sequence[float] = option((0.1, 0.3, 0.5, 1.0), "noise scales of the causal validation "
                                  "(relative to the layer's median W_out row norm)", minimum=0.0)
     min_gap: float = option(0.1, "validated: unrelated minus target BLEU reaches this at some sigma")
-    methods: list[str] = option(METHODS, "unlearning methods", choices=METHODS)
-    scopes: list[str] = option(SCOPES, "parameter scopes", choices=SCOPES)
+    methods: Sequence[str] = option(METHODS, "unlearning methods", choices=METHODS)
+    scopes: Sequence[str] = option(SCOPES, "parameter scopes", choices=SCOPES)
     steps: int = option(20, "optimiser steps per run", minimum=1)
     batch_size: int = option(4, "examples per optimiser step", minimum=1)
     chunk_tokens: int = option(500, "forget/retain chunks keep at most this many tokens", minimum=8)
@@ -156,7 +156,7 @@ class Options:
     context_chars: int = option(2000, "article characters in the in-context probe (the paper: "
                                 "2000)", minimum=1)
     sweep: bool = option(False, "only sweep learning rates on the first known concept")
-    sweep_factors: list[float] = option((0.3, 1.0, 3.0, 10.0), "--sweep: multiples of each "
+    sweep_factors: Sequence[float] = option((0.3, 1.0, 3.0, 10.0), "--sweep: multiples of each "
                                         "method's learning rate", minimum=0.0)
     quick: bool = option(False, "tiny setting for a smoke run (overrides the options in QUICK)")
     gen_batch_size: int = option(16, "prompts per generation batch", minimum=1)
