@@ -12,7 +12,9 @@ non-linearities bend between the two values (Kramar et al. 2024, "AtP*"). Run it
 `interp.attribution.lrp.lrp_rules(model, ...)` and the backward pass follows LRP rules instead
 of plain gradients: that is RelP (arXiv 2508.21258).
 
-The metric is the mean over prompts, so the gradient of the batch mean gives each prompt's
+Any metric works (`metrics.Metric`, or a plain function of the full logits, which costs a
+forward pass to the full logits instead of the few the metric reads). The metric is the mean
+over prompts, so the gradient of the batch mean gives each prompt's
 share and the sum over the batch is the mean effect, the same quantity `exact_patching`
 reports. Sites that aggregate several entries (a head over all positions, a neuron over all
 positions) sum their entries' contributions.
@@ -28,7 +30,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from interp.attribution.metrics import LogitDiff
+from interp.attribution.metrics import Metric, MetricLike
 from interp.attribution.patching import Direction, check_pairs, targets
 from interp.attribution.sites import FamilySpec, Scores, default_labels, families
 
@@ -37,7 +39,7 @@ def attribution_patching(
     model: HookedTransformer,
     clean_tokens: Int[Tensor, "batch pos"],
     corrupt_tokens: Int[Tensor, "batch pos"],
-    metric: LogitDiff,
+    metric: MetricLike,
     site_families: FamilySpec = ("resid", "attn", "mlp", "heads"),
     direction: Direction = "denoise",
     method: str = "atp",
@@ -49,8 +51,8 @@ def attribution_patching(
         clean_tokens, corrupt_tokens, metric, site_families, direction: as in `exact_patching`.
         method: the name recorded in the returned `Scores` (`"relp"` when run under LRP rules).
     """
-    target, source, fams, names = prepare(model, clean_tokens, corrupt_tokens, metric,
-                                          site_families, direction)
+    target, source, fams, names, metric = prepare(model, clean_tokens, corrupt_tokens, metric,
+                                                  site_families, direction)
     with torch.no_grad():
         _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
     target_acts, grads, baseline = activation_grads(model, target, metric, names)
@@ -62,23 +64,24 @@ def prepare(
     model: HookedTransformer,
     clean_tokens: Tensor,
     corrupt_tokens: Tensor,
-    metric: LogitDiff,
+    metric: MetricLike,
     site_families: FamilySpec,
     direction: Direction,
-) -> tuple[Tensor, Tensor, list, list[str]]:
-    """Checked (target, source) tokens on the model's device, the families, and their hook names."""
-    check_pairs(clean_tokens, corrupt_tokens, metric)
+) -> tuple[Tensor, Tensor, list, list[str], Metric]:
+    """Checked (target, source) tokens on the model's device, the families, their hook names,
+    and the metric as a `Metric` bound to the batch (a plain function wrapped)."""
+    metric = check_pairs(clean_tokens, corrupt_tokens, metric, model.cfg.d_vocab)
     target, source = targets(clean_tokens, corrupt_tokens, direction)
     device = model.cfg.device
     fams = families(site_families)
     names = sorted({f.hook_name(layer) for f in fams for layer in f.layer_list(model)})
-    return target.to(device), source.to(device), fams, names
+    return target.to(device), source.to(device), fams, names, metric
 
 
 def activation_grads(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
-    metric: LogitDiff,
+    metric: Metric,
     names: Sequence[str],
     fwd_hooks: Sequence = (),
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:

@@ -55,7 +55,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache, HookedTransformer
 
 from interp.attribution.atp import prepare
-from interp.attribution.metrics import LogitDiff
+from interp.attribution.metrics import MetricLike
 from interp.attribution.patching import Direction
 from interp.attribution.sites import FamilySpec, Scores, default_labels
 
@@ -68,7 +68,7 @@ def atp_star(
     model: HookedTransformer,
     clean_tokens: Int[Tensor, "batch pos"],
     corrupt_tokens: Int[Tensor, "batch pos"],
-    metric: LogitDiff,
+    metric: MetricLike,
     site_families: FamilySpec = ("resid", "attn", "mlp", "heads"),
     direction: Direction = "denoise",
     grad_drop: bool = False,
@@ -84,8 +84,8 @@ def atp_star(
             `atp_star_graddrop` with `grad_drop`).
     """
     method = method or ("atp_star_graddrop" if grad_drop else "atp_star")
-    target, source, fams, names = prepare(model, clean_tokens, corrupt_tokens, metric,
-                                          site_families, direction)
+    target, source, fams, names, metric = prepare(model, clean_tokens, corrupt_tokens, metric,
+                                                  site_families, direction)
     layers = range(model.cfg.n_layers)
     heads_needed = any(f.name in HEAD_FAMILIES for f in fams)
     attn_names = _attention_hooks(model) if heads_needed else {}

@@ -32,7 +32,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from interp.attribution.atp import activation_grads, prepare, scores_from_grads
-from interp.attribution.metrics import LogitDiff
+from interp.attribution.metrics import Metric, MetricLike
 from interp.attribution.patching import Direction
 from interp.attribution.sites import FamilySpec, Scores
 
@@ -43,7 +43,7 @@ def integrated_gradients(
     model: HookedTransformer,
     clean_tokens: Int[Tensor, "batch pos"],
     corrupt_tokens: Int[Tensor, "batch pos"],
-    metric: LogitDiff,
+    metric: MetricLike,
     site_families: FamilySpec = ("resid", "attn", "mlp", "heads"),
     direction: Direction = "denoise",
     steps: int = 5,
@@ -62,8 +62,8 @@ def integrated_gradients(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if path not in ("inputs", "activations"):
         raise ValueError(f"path must be 'inputs' or 'activations', got {path!r}")
-    target, source, fams, names = prepare(model, clean_tokens, corrupt_tokens, metric,
-                                          site_families, direction)
+    target, source, fams, names, metric = prepare(model, clean_tokens, corrupt_tokens, metric,
+                                                  site_families, direction)
     if path == "activations":
         return _ig_activations(model, target, source, metric, fams, names, steps, method)
     embeds = [n for n in EMBED_HOOKS if n in model.hook_dict]
@@ -92,7 +92,7 @@ def _ig_activations(
     model: HookedTransformer,
     target: Int[Tensor, "batch pos"],
     source: Int[Tensor, "batch pos"],
-    metric: LogitDiff,
+    metric: Metric,
     fams: list,
     names: list[str],
     steps: int,

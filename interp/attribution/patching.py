@@ -18,7 +18,10 @@ How it is fast (DESIGN.md, performance principles), compared with TransformerLen
   makes one call per block instead of one per block and patched layer (on a CPU a call has a
   fixed cost of about 50-100 row-positions of work, and larger products run faster per row);
 - only the logits the metric reads are computed (`metrics.final_columns`): the final norm at the
-  last position and a few unembedding columns, not the whole vocabulary at every position;
+  prediction position and a few unembedding columns (or the whole vocabulary there, for metrics
+  that read every column), not the whole vocabulary at every position. A metric given as a plain
+  function of the full logits is the exception (`metrics.CallableMetric`): each patched run is
+  unembedded at every position from `p0` on (earlier positions reuse the target run's logits);
 - a patch at position p cannot change positions before p (causal attention), so patches of a
   family with a position axis run on positions p.. only, reading the target run's keys and
   values of earlier positions from a KV cache (TransformerLens's own cache entries);
@@ -32,6 +35,8 @@ How it is fast (DESIGN.md, performance principles), compared with TransformerLen
 
 Prompts of different lengths can share a batch: right-pad them and give the metric each
 prompt's `end_pos`. With causal attention the padding never reaches a prompt's prediction.
+
+Any metric works (`metrics.Metric`, or a plain function of the logits): see `metrics.py`.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.hook_points import HookPoint
 
-from interp.attribution.metrics import LogitDiff, final_columns
+from interp.attribution.metrics import Metric, MetricLike, as_metric, final_logits
 from interp.attribution.sites import FamilySpec, Scores, SiteFamily, default_labels, families
 from interp.layout import inference_layout
 
@@ -71,25 +76,25 @@ def targets(
     raise ValueError(f"direction must be 'denoise' (clean into corrupt) or 'noise', got {direction!r}")
 
 
-def check_pairs(clean_tokens: Tensor, corrupt_tokens: Tensor, metric: LogitDiff) -> None:
-    """Shapes line up: same [batch, pos] for clean and corrupt, one answer per prompt."""
+def check_pairs(
+    clean_tokens: Tensor, corrupt_tokens: Tensor, metric: MetricLike, d_vocab: int | None = None
+) -> Metric:
+    """Shapes line up: same [batch, pos] for clean and corrupt, one answer per prompt (and token
+    ids inside a vocabulary of `d_vocab`). Returns the metric as a `Metric` bound to the batch
+    (`metrics.as_metric`: a plain function is wrapped)."""
     if clean_tokens.ndim != 2 or clean_tokens.shape != corrupt_tokens.shape:
         raise ValueError(
             f"clean and corrupt tokens must both be [batch, pos] of the same shape; got clean "
             f"{tuple(clean_tokens.shape)} and corrupt {tuple(corrupt_tokens.shape)}"
         )
-    if metric.columns.shape[0] != clean_tokens.shape[0]:
-        raise ValueError(
-            f"the metric has answers for {metric.columns.shape[0]} prompts but the batch has "
-            f"{clean_tokens.shape[0]}"
-        )
+    return as_metric(metric, clean_tokens.shape[0], d_vocab)
 
 
 def exact_patching(
     model: HookedTransformer,
     clean_tokens: Int[Tensor, "batch pos"],
     corrupt_tokens: Int[Tensor, "batch pos"],
-    metric: LogitDiff,
+    metric: MetricLike,
     site_families: FamilySpec = ("resid", "attn", "mlp", "heads"),
     direction: Direction = "denoise",
     memory_gb: float = 2.0,
@@ -104,7 +109,10 @@ def exact_patching(
         model: any HookedTransformer with causal attention.
         clean_tokens, corrupt_tokens: `[batch, pos]`, same shape; right-padded prompts of
             different lengths are fine when `metric.end_pos` marks each prompt's last token.
-        metric: reads a few logit columns at each prompt's prediction position (`LogitDiff`).
+        metric: any `metrics.Metric` (`LogitDiff`, `LogProb`, `LogSumExpDiff`, `RefusalScore`,
+            `KLToClean`, ...), or a plain function of the full logits `[batch, pos, d_vocab]
+            -> [batch]` (or a scalar), the slow path: every patched run is unembedded at every
+            position into the whole vocabulary.
         site_families: names from `sites.FAMILIES`, or `SiteFamily` objects (e.g. SAE latents).
         direction: `"denoise"` (clean into corrupt, default) or `"noise"`.
         memory_gb: rough bound on the activations of one block call.
@@ -131,7 +139,7 @@ def exact_patching(
     Raises:
         StaleCheckpointError: `checkpoint` holds a file made with other settings.
     """
-    check_pairs(clean_tokens, corrupt_tokens, metric)
+    metric = check_pairs(clean_tokens, corrupt_tokens, metric, model.cfg.d_vocab)
     target, source = targets(clean_tokens, corrupt_tokens, direction)
     device = model.cfg.device
     target, source = target.to(device), source.to(device)
@@ -194,14 +202,14 @@ class _TargetRun(NamedTuple):
     """Each layer's keys and values as TransformerLens caches them (frozen)."""
     end: Int[Tensor, " batch"]
     """Each prompt's prediction position."""
-    columns: Int[Tensor, "batch k"]
-    """The logit columns the metric reads."""
-    metric: LogitDiff
+    metric: Metric
     baseline_rows: Float[Tensor, " batch"]
     """The metric of each prompt's unpatched target run."""
+    logits: Float[Tensor, "batch pos vocab"] | None
+    """The target run's full logits, kept only for metrics that read every position."""
 
 
-def _target_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], metric: LogitDiff) -> _TargetRun:
+def _target_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], metric: Metric) -> _TargetRun:
     """Run the target block by block, keeping what patched runs start from and compare with."""
     batch, n_pos = tokens.shape
     x = model(tokens, stop_at_layer=0)  # embeddings (and position embeddings) only
@@ -213,10 +221,11 @@ def _target_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], metr
     for entry in kv:
         entry.frozen = True
     end = metric.positions(n_pos).to(x.device)
-    columns = metric.columns.to(x.device)
+    if metric.reads_all_positions:
+        logits = final_logits(model, x)
+        return _TargetRun(starts, kv, end, metric, metric(logits), logits)
     final = x[torch.arange(batch, device=x.device), end]
-    baseline_rows = metric.from_columns(final_columns(model, final, columns))
-    return _TargetRun(starts, kv, end, columns, metric, baseline_rows)
+    return _TargetRun(starts, kv, end, metric, metric.from_final_resid(model, final), None)
 
 
 def _first_difference(target: Int[Tensor, "batch pos"], source: Int[Tensor, "batch pos"]) -> int:
@@ -290,11 +299,19 @@ def _patched_metric(
     copies: int,
 ) -> Float[Tensor, "copies batch"]:
     """The metric of each patched row. A prompt whose prediction position lies before `p0`
-    cannot be affected by patches at `p0..` (causal attention): it keeps its baseline."""
+    cannot be affected by patches at `p0..` (causal attention): it keeps its baseline.
+
+    A metric that reads every position gets full logits: the patched rows' at `p0..`, the
+    target's before `p0` (which the patches cannot change), one copy of the batch at a time."""
     batch = run.end.shape[0]
+    if run.logits is not None:
+        prefix = run.logits[:, :p0]
+        values = [run.metric(torch.cat([prefix, final_logits(model, out[c * batch:(c + 1) * batch])], 1))
+                  for c in range(copies)]
+        return torch.stack(values)
     rel = (run.end - p0).clamp(min=0).repeat(copies)
     final = out[torch.arange(out.shape[0], device=out.device), rel]
-    patched = run.metric.from_columns(final_columns(model, final, run.columns.repeat(copies, 1)))
+    patched = run.metric.from_final_resid(model, final)
     patched = patched.view(copies, batch)
     return torch.where((run.end >= p0).unsqueeze(0), patched, run.baseline_rows.unsqueeze(0))
 
@@ -405,7 +422,7 @@ def checkpoint_fingerprint(
     model: HookedTransformer,
     clean_tokens: Int[Tensor, "batch pos"],
     corrupt_tokens: Int[Tensor, "batch pos"],
-    metric: LogitDiff,
+    metric: Metric,
     fam: SiteFamily,
     direction: Direction,
     weights: str | None = None,
@@ -414,7 +431,8 @@ def checkpoint_fingerprint(
 
     Fields: `model` (its config's `model_name`), `weights` (`weights_digest`), `config` (the
     `FINGERPRINT_CONFIG_FIELDS` of `model.cfg`), `clean_tokens`, `corrupt_tokens` (their
-    bytes), `metric` (its class and each field: tensors by their bytes, other values by repr),
+    bytes), `metric` (its class and each field, or its `fingerprint_parts()` where it has them:
+    tensors by their bytes, other values by repr),
     `direction`, `family` (the `SiteFamily`: hook, axes, layers). Values are short hex digests
     or plain strings; a mismatch is reported per field.
 
@@ -423,7 +441,9 @@ def checkpoint_fingerprint(
     """
     cfg = model.cfg
     config = {k: repr(getattr(cfg, k, None)) for k in FINGERPRINT_CONFIG_FIELDS}
-    if dataclasses.is_dataclass(metric):
+    if hasattr(metric, "fingerprint_parts"):
+        parts = metric.fingerprint_parts()
+    elif dataclasses.is_dataclass(metric):
         parts = {f.name: getattr(metric, f.name) for f in dataclasses.fields(metric)}
     else:
         parts = dict(vars(metric)) if hasattr(metric, "__dict__") else {"repr": repr(metric)}

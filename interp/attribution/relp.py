@@ -16,7 +16,7 @@ from transformer_lens import HookedTransformer
 
 from interp.attribution.atp import attribution_patching
 from interp.attribution.lrp import LRPRules, lrp_rules
-from interp.attribution.metrics import LogitDiff
+from interp.attribution.metrics import MetricLike
 from interp.attribution.patching import Direction
 from interp.attribution.sites import FamilySpec, Scores
 
@@ -25,7 +25,7 @@ def relp(
     model: HookedTransformer,
     clean_tokens: Int[Tensor, "batch pos"],
     corrupt_tokens: Int[Tensor, "batch pos"],
-    metric: LogitDiff,
+    metric: MetricLike,
     site_families: FamilySpec = ("resid", "attn", "mlp", "heads"),
     direction: Direction = "denoise",
     rules: LRPRules | None = None,

@@ -45,7 +45,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from interp.attribution.metrics import LogitDiff
+from interp.attribution.metrics import MetricLike, as_metric
 from interp.attribution.sites import Scores, SiteFamily
 from interp.saes.attach import attached_saes, latent_hook_name
 
@@ -143,7 +143,7 @@ def ablation_means(
 def circuit_metric(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
-    metric: LogitDiff,
+    metric: MetricLike,
     fams: Sequence[SiteFamily],
     keep: Mapping[str, Bool[Tensor, "layer ..."]],
     means: Mapping[str, Float[Tensor, "pos ..."]],
@@ -151,8 +151,10 @@ def circuit_metric(
     """The mean metric with every node of `fams` outside `keep` replaced by its mean.
 
     `keep[family]` is shaped like that family's `Scores.values` (`[layer, pos, latent]` or
-    `[layer, pos]`); a family missing from `keep` is ablated entirely.
+    `[layer, pos]`); a family missing from `keep` is ablated entirely. `metric` is any
+    `interp.attribution.metrics.Metric` or a plain function of the full logits.
     """
+    metric = as_metric(metric, tokens.shape[0], model.cfg.d_vocab)
     hooks = []
     for fam in fams:
         for i, layer in enumerate(fam.layer_list(model)):
@@ -201,7 +203,7 @@ class FaithfulnessCurve:
 def faithfulness_curve(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
-    metric: LogitDiff,
+    metric: MetricLike,
     scores: Mapping[str, Scores],
     fams: Sequence[SiteFamily],
     counts: Sequence[int],
@@ -211,7 +213,8 @@ def faithfulness_curve(
 
     Args:
         tokens: the prompts on which the circuit is evaluated (usually the clean ones).
-        metric: their metric (normalised or not: faithfulness is a ratio of differences).
+        metric: their metric, any `interp.attribution.metrics.Metric` or a plain function of
+            the full logits (normalised or not: faithfulness is a ratio of differences).
         scores: a method's `Scores` per family of `fams` (e.g. from `relp`).
         fams: the node families (`latent_families(model)`); all their nodes can be ablated.
         means: the ablation values (`ablation_means`).
@@ -219,6 +222,7 @@ def faithfulness_curve(
     missing = [f.name for f in fams if f.name not in scores]
     if missing:
         raise ValueError(f"scores lack the families {missing}; got {sorted(scores)}")
+    metric = as_metric(metric, tokens.shape[0], model.cfg.d_vocab)
     ranked = {f.name: scores[f.name] for f in fams}
     n_nodes = sum(s.values.numel() for s in ranked.values())
     with torch.no_grad():
