@@ -47,12 +47,13 @@ from transformer_lens import HookedTransformer
 from interp.concepts.refusal import (
     DEFAULT_REFUSAL_STARTS,
     RefusalDirection,
+    SharedPrefix,
     find_refusal_direction,
     format_prompts,
     load_instructions,
     post_instruction_tokens,
+    refusal_log_odds,
     refusal_rate,
-    refusal_scores,
     refusal_token_ids,
 )
 from interp.judges import judge_refusal, wilson_interval
@@ -140,7 +141,9 @@ def refusal_report(
     prompts = {"harmful_clean": (harmful, ()), "harmful_ablated": (harmful, ablate),
                "harmless_clean": (harmless, ()), "harmless_added": (harmless, add)}
     with study.timer("test_scores"):
-        scores = {k: refusal_scores(model, p, tokens, h, batch_size) for k, (p, h) in prompts.items()}
+        # the hooks act alike at every position, so the prompts' chat head is shared
+        scores = {k: refusal_log_odds(SharedPrefix(model, p, batch_size).logits(h), tokens)
+                  for k, (p, h) in prompts.items()}
     at = found.position + n_post, found.layer
     report: dict[str, Any] = {
         "settings": {"n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed,

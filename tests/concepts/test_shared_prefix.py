@@ -3,11 +3,13 @@ left-padded forward passes of every whole prompt."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from interp import hooks, models
-from interp.concepts.refusal import SharedPrefix, common_prefix_length
+from interp.concepts.refusal import SharedPrefix, common_prefix_length, length_batches
 from interp.generation import next_token_logits
 
 
@@ -82,3 +84,31 @@ def test_prompts_without_a_common_head_and_bad_input(model):
         SharedPrefix(model, [])
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         SharedPrefix(model, prompts, batch_size=0)
+
+
+def _partitions(items):
+    """Every set partition of `items` (Bell-number many; small inputs only)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _partitions(rest):
+        yield [[first], *part]
+        for i in range(len(part)):
+            yield [*part[:i], [first, *part[i]], *part[i + 1:]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_length_batches_is_the_cheapest_partition(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 30) for _ in range(6)]
+    max_rows, overhead = 3, 5
+
+    def cost(groups):
+        return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+
+    groups = length_batches(lengths, max_rows, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert all(1 <= len(g) <= max_rows for g in groups)
+    best = min(cost(p) for p in _partitions(list(range(6))) if all(len(g) <= max_rows for g in p))
+    assert cost(groups) == best
