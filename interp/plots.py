@@ -15,6 +15,8 @@ from typing import Sequence
 
 import plotly.graph_objects as go
 
+from interp.attribution.sites import Scores
+
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
 
@@ -95,4 +97,32 @@ def heatmap(values, x_labels: Sequence[str], y_labels: Sequence[str], title: str
     fig = go.Figure(go.Heatmap(z=z, x=list(x_labels), y=list(y_labels), colorscale="RdBu",
                                zmid=0, zmin=-bound, zmax=bound))
     fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label, template="plotly_white")
+    return fig
+
+
+def scores_heatmap(scores: Scores, title: str | None = None) -> go.Figure:
+    """A heatmap of one family's `Scores`, labelled by its axes' labels.
+
+    The last axis runs along x (positions with their tokens, heads, slots, ...), the others
+    down y (layers; for three axes, e.g. `heads_by_pos`, one row per layer and head, labelled
+    `L3 H2`). Both axes are categorical, in the scores' order. Diverging colours centred on
+    zero; `z[i][j]` is the value at row i, column j. Select first for large families
+    (`scores.sel(layer=range(10, 20))`).
+    """
+    values = scores.values.detach().float().cpu()
+    if values.ndim == 1:
+        values = values[None]
+    columns = scores.axis_labels(scores.dims[-1])
+    if len(scores.dims) == 1:
+        rows, y_label = [""], ""
+    elif len(scores.dims) == 2:
+        rows, y_label = scores.axis_labels(scores.dims[0]), scores.dims[0]
+    else:
+        head = scores.sel(**{scores.dims[-1]: scores.axis_labels(scores.dims[-1])[:1]})
+        rows = [label.rsplit(" ", 1)[0] for label in head.site_labels()]
+        y_label = " x ".join(scores.dims[:-1])
+    z = values.reshape(-1, values.shape[-1]).tolist()
+    fig = heatmap(z, columns, rows, title or f"{scores.method}: {scores.family}", scores.dims[-1], y_label)
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category")
     return fig

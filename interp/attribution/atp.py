@@ -18,15 +18,21 @@ over prompts, so the gradient of the batch mean gives each prompt's
 share and the sum over the batch is the mean effect, the same quantity `exact_patching`
 reports. Sites that aggregate several entries (a head over all positions, a neuron over all
 positions) sum their entries' contributions.
+
+`batch_size` runs the prompts in chunks (each chunk's metric `metric.select(chunk)`, on the
+whole batch's normalisation) and weights each chunk's mean by its share of the prompts, so the
+scores are the unchunked ones to rounding (`in_prompt_chunks`; IG and RelP use it too).
+`per_prompt=True` keeps a `prompt` axis with each prompt's own estimate instead of their mean,
+what `slots.by_slot` needs to report positions by named slot when templates are mixed.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import einops
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -43,6 +49,8 @@ def attribution_patching(
     site_families: FamilySpec = ("resid", "attn", "mlp", "heads"),
     direction: Direction = "denoise",
     method: str = "atp",
+    batch_size: int | None = None,
+    per_prompt: bool = False,
 ) -> dict[str, Scores]:
     """AtP scores per family: `(a_source - a_target) . grad` summed over each site's entries.
 
@@ -50,14 +58,85 @@ def attribution_patching(
         model: any HookedTransformer; its parameters' `requires_grad` is left as it was.
         clean_tokens, corrupt_tokens, metric, site_families, direction: as in `exact_patching`.
         method: the name recorded in the returned `Scores` (`"relp"` when run under LRP rules).
+        batch_size: run the prompts in chunks of this many (None: all at once); the scores are
+            the same (to rounding), the memory of the backward pass that of one chunk. Each
+            chunk's metric is `metric.select(chunk)`, on the whole batch's normalisation, so a
+            metric given as a plain function of the whole batch cannot be chunked.
+        per_prompt: keep a `prompt` axis after `layer` (`dims` `("layer", "prompt", ...)`):
+            each prompt's own estimated effect, `(a_source - a_target) . d metric_b / d a`, so
+            that the mean over the prompt axis is the default score. For metrics with one value
+            per prompt (a plain function returning a batch scalar has no per-prompt effects).
     """
     target, source, fams, names, metric = prepare(model, clean_tokens, corrupt_tokens, metric,
                                                   site_families, direction)
-    with torch.no_grad():
-        _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
-    target_acts, grads, baseline = activation_grads(model, target, metric, names)
-    deltas = {n: source_cache[n] - target_acts[n] for n in names}
-    return scores_from_grads(model, fams, deltas, grads, target, baseline, method)
+
+    def run(target: Tensor, source: Tensor, metric: Metric) -> tuple[dict[str, Tensor], float]:
+        with torch.no_grad():
+            _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
+        target_acts, grads, baseline = activation_grads(model, target, metric, names)
+        deltas = {n: source_cache[n] - target_acts[n] for n in names}
+        return site_values(model, fams, deltas, grads, per_prompt), baseline
+
+    values, baseline = in_prompt_chunks(run, target, source, metric, batch_size, per_prompt)
+    return make_scores(model, fams, values, target, baseline, method, per_prompt)
+
+
+def prompt_chunks(n_prompts: int, batch_size: int | None) -> list[slice]:
+    """Consecutive chunks of at most `batch_size` prompts (one chunk when None)."""
+    if batch_size is None:
+        return [slice(0, n_prompts)]
+    if isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of prompts (or None: all at "
+                         f"once), got {batch_size!r}")
+    return [slice(lo, min(lo + batch_size, n_prompts)) for lo in range(0, n_prompts, batch_size)]
+
+
+def in_prompt_chunks(
+    run: Callable[[Tensor, Tensor, Metric], tuple[dict[str, Tensor], float]],
+    target: Int[Tensor, "batch pos"],
+    source: Int[Tensor, "batch pos"],
+    metric: Metric,
+    batch_size: int | None,
+    per_prompt: bool = False,
+) -> tuple[dict[str, Tensor], float]:
+    """`run(target, source, metric)` on chunks of prompts, combined into the whole batch's result.
+
+    `run` returns, per family, `[layer, *site axes]` scores of the mean metric over its chunk
+    (with `per_prompt`, `[layer, chunk, *site axes]` per-prompt parts of that mean), and the
+    chunk's mean baseline. The chunk means are weighted by their share of the prompts, so the
+    result is the mean over all prompts; per-prompt parts are scaled by the chunk size (each
+    prompt's own effect) and concatenated. Chunks keep the batch's padded width (padding after
+    a prompt's end changes nothing at or before it)."""
+    n = target.shape[0]
+    chunks = prompt_chunks(n, batch_size)
+    total: dict[str, Tensor] = {}
+    pieces: dict[str, list[Tensor]] = {}
+    baseline = 0.0
+    for rows in chunks:
+        size = rows.stop - rows.start
+        part = metric if len(chunks) == 1 else _select(metric, rows, batch_size, n)
+        values, chunk_baseline = run(target[rows], source[rows], part)
+        baseline += chunk_baseline * size / n
+        for name, v in values.items():
+            if per_prompt:
+                pieces.setdefault(name, []).append(v * size)
+            else:
+                total[name] = total[name] + v * (size / n) if name in total else v * (size / n)
+    if len(chunks) == 1 and not per_prompt:
+        return values, chunk_baseline  # exactly the unchunked numbers
+    if per_prompt:
+        total = {name: torch.cat(p, dim=1) for name, p in pieces.items()}
+    return total, baseline
+
+
+def _select(metric: Metric, rows: slice, batch_size: int | None, n: int) -> Metric:
+    try:
+        return metric.select(rows)
+    except ValueError as err:
+        raise ValueError(
+            f"batch_size={batch_size} runs the {n} prompts in chunks, which needs a metric that "
+            f"can be evaluated on some of the prompts; this one cannot: {err}"
+        ) from err
 
 
 def prepare(
@@ -109,6 +188,50 @@ def activation_grads(
     return {n: a.detach() for n, a in captured.items()}, grad_of, value.item()
 
 
+def site_values(
+    model: HookedTransformer,
+    fams: Sequence,
+    deltas: dict[str, Tensor],
+    grads: dict[str, Tensor],
+    per_prompt: bool = False,
+) -> dict[str, Float[Tensor, "layer ..."]]:
+    """Per family, `delta * grad` at each hook point reduced to the site axes and stacked over
+    layers: `[layer, *site axes]` (summed over the batch), or `[layer, batch, *site axes]`."""
+    values = {}
+    for fam in fams:
+        pattern = fam.reduce_pattern.replace("-> ", "-> batch ") if per_prompt else fam.reduce_pattern
+        per_layer = []
+        for layer in fam.layer_list(model):
+            name = fam.hook_name(layer)
+            contrib = (deltas[name] * grads[name]).float()
+            per_layer.append(einops.reduce(contrib, pattern, "sum"))
+        values[fam.name] = torch.stack(per_layer)
+    return values
+
+
+def make_scores(
+    model: HookedTransformer,
+    fams: Sequence,
+    values: dict[str, Tensor],
+    target: Tensor,
+    baseline: float,
+    method: str,
+    per_prompt: bool = False,
+) -> dict[str, Scores]:
+    """`Scores` per family from its `[layer, (prompt,) *site axes]` values."""
+    results = {}
+    for fam in fams:
+        v = values[fam.name].cpu()
+        labels = default_labels(model, fam, target, v.shape[2 if per_prompt else 1:])
+        dims = fam.dims
+        if per_prompt:
+            dims = ("layer", "prompt", *fam.axes)
+            labels["prompt"] = [str(i) for i in range(v.shape[1])]
+        results[fam.name] = Scores(family=fam.name, method=method, values=v, dims=dims,
+                                   labels=labels, baseline=baseline)
+    return results
+
+
 def scores_from_grads(
     model: HookedTransformer,
     fams: Sequence,
@@ -119,16 +242,4 @@ def scores_from_grads(
     method: str,
 ) -> dict[str, Scores]:
     """`Scores` per family from `delta * grad` at each hook point, reduced to the site axes."""
-    results = {}
-    for fam in fams:
-        per_layer = []
-        for layer in fam.layer_list(model):
-            name = fam.hook_name(layer)
-            contrib = (deltas[name] * grads[name]).float()
-            per_layer.append(einops.reduce(contrib, fam.reduce_pattern, "sum"))
-        values = torch.stack(per_layer).cpu()
-        results[fam.name] = Scores(
-            family=fam.name, method=method, values=values, dims=fam.dims,
-            labels=default_labels(model, fam, target, values.shape[1:]), baseline=baseline,
-        )
-    return results
+    return make_scores(model, fams, site_values(model, fams, deltas, grads), target, baseline, method)

@@ -31,7 +31,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from interp.attribution.atp import activation_grads, prepare, scores_from_grads
+from interp.attribution.atp import activation_grads, in_prompt_chunks, make_scores, prepare, site_values
 from interp.attribution.metrics import Metric, MetricLike
 from interp.attribution.patching import Direction
 from interp.attribution.sites import FamilySpec, Scores
@@ -49,6 +49,7 @@ def integrated_gradients(
     steps: int = 5,
     path: Literal["inputs", "activations"] = "inputs",
     method: str = "ig",
+    batch_size: int | None = None,
 ) -> dict[str, Scores]:
     """IG scores per family; arguments as in `attribution_patching`.
 
@@ -57,6 +58,9 @@ def integrated_gradients(
         path: "inputs" (interpolate the token embeddings) or "activations" (interpolate each
             hook point on its own); see the module docstring.
         method: the name recorded in the returned `Scores`.
+        batch_size: run the prompts in chunks of this many (None: all at once), the same
+            scores to rounding (as in `attribution_patching`). On the activations path one
+            backward pass holds `steps` copies of a chunk.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -64,8 +68,25 @@ def integrated_gradients(
         raise ValueError(f"path must be 'inputs' or 'activations', got {path!r}")
     target, source, fams, names, metric = prepare(model, clean_tokens, corrupt_tokens, metric,
                                                   site_families, direction)
-    if path == "activations":
-        return _ig_activations(model, target, source, metric, fams, names, steps, method)
+    along = _ig_activations if path == "activations" else _ig_inputs
+
+    def run(target: Tensor, source: Tensor, metric: Metric) -> tuple[dict[str, Tensor], float]:
+        return along(model, target, source, metric, fams, names, steps)
+
+    values, baseline = in_prompt_chunks(run, target, source, metric, batch_size)
+    return make_scores(model, fams, values, target, baseline, method)
+
+
+def _ig_inputs(
+    model: HookedTransformer,
+    target: Int[Tensor, "batch pos"],
+    source: Int[Tensor, "batch pos"],
+    metric: Metric,
+    fams: list,
+    names: list[str],
+    steps: int,
+) -> tuple[dict[str, Tensor], float]:
+    """IG along the straight line between the two runs' embeddings: site values and baseline."""
     embeds = [n for n in EMBED_HOOKS if n in model.hook_dict]
     with torch.no_grad():
         _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in {*names, *embeds})
@@ -85,7 +106,7 @@ def integrated_gradients(
         for n in names:
             mean_grads[n] += grads[n] / steps
     deltas = {n: source_cache[n] - target_cache[n] for n in names}
-    return scores_from_grads(model, fams, deltas, mean_grads, target, baseline, method)
+    return site_values(model, fams, deltas, mean_grads), baseline
 
 
 def _ig_activations(
@@ -96,8 +117,7 @@ def _ig_activations(
     fams: list,
     names: list[str],
     steps: int,
-    method: str,
-) -> dict[str, Scores]:
+) -> tuple[dict[str, Tensor], float]:
     """IG along each hook point's own straight line, the `steps` points stacked in the batch."""
     with torch.no_grad():
         _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
@@ -122,4 +142,4 @@ def _ig_activations(
                                        fwd_hooks=[(name, interpolate)])
         mean_grads[name] = einops.reduce(grads[name], "(s b) ... -> b ...", "sum", s=steps)
     deltas = {n: source_cache[n] - target_cache[n] for n in names}
-    return scores_from_grads(model, fams, deltas, mean_grads, target, baseline, method)
+    return site_values(model, fams, deltas, mean_grads), baseline

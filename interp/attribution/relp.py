@@ -30,13 +30,16 @@ def relp(
     direction: Direction = "denoise",
     rules: LRPRules | None = None,
     method: str = "relp",
+    batch_size: int | None = None,
 ) -> dict[str, Scores]:
     """RelP scores per family; arguments as in `attribution_patching`.
 
     Args:
         rules: the LRP rules (default `LRPRules.relp()`, the paper's set).
         method: the name recorded in the returned `Scores` (name rule variants differently).
+        batch_size: run the prompts in chunks of this many (None: all at once), the same
+            scores to rounding (as in `attribution_patching`).
     """
     with lrp_rules(model, rules if rules is not None else LRPRules.relp()):
         return attribution_patching(model, clean_tokens, corrupt_tokens, metric, site_families,
-                                    direction, method=method)
+                                    direction, method=method, batch_size=batch_size)

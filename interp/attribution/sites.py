@@ -15,11 +15,18 @@ activation is split into sites:
 Every method (exact patching, AtP, AtP*, integrated gradients, RelP) takes family names, the
 same clean/corrupt token batches and the same metric, and returns `Scores`: values with named
 axes and labels, so any two methods compare one to one (`Scores.flat()`).
+
+`Scores` answers queries by site number or label: `top(k)` (the largest sites as labelled
+rows), `to_frame()` (a pandas table, one row per site), `sel(layer=..., pos=..., head=...)` (a
+smaller `Scores`); `interp.plots.scores_heatmap` draws one. Position scores of batches that mix
+templates read by named slot instead of raw index: `interp.attribution.slots.by_slot`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+import math
+from dataclasses import dataclass, field, replace
 from typing import Sequence, Union
 
 import torch
@@ -106,6 +113,19 @@ def families(names: FamilySpec) -> list[SiteFamily]:
     return [family(n) for n in ([names] if isinstance(names, (str, SiteFamily)) else names)]
 
 
+#: Axes whose labels are names, not numbers (`slot`: IO, S1, ...); every other axis numbers its
+#: sites (layer, position, head, neuron, latent, prompt).
+NAMED_AXES = ("slot",)
+
+#: How `Scores.site_labels` prefixes each axis.
+_PREFIX = {"layer": "L", "pos": "pos", "head": "H", "neuron": "N", "latent": "F", "prompt": "P",
+           "slot": ""}
+
+#: What `Scores.sel` takes per axis: a site number (an int), a label (a str), several of them
+#: (a list, a range), or a slice of site numbers.
+Selector = Union[int, str, slice, Sequence[Union[int, str]]]
+
+
 @dataclass
 class Scores:
     """One method's score per site of one family.
@@ -119,6 +139,14 @@ class Scores:
         labels: a label per index of each axis (token strings for `pos` where known).
         baseline: the metric of the unpatched target run (mean over prompts).
         signed: False when the values are magnitudes of effects (GradDrop), not effects.
+        numbers: the site number of each index along an axis, where it is not the index
+            itself: set by `sel` (after `sel(pos=[3, 5])` index 0 is position 3). Layers are
+            numbered by their labels (families may cover some layers only); see `axis_numbers`.
+
+    Queries: `top(k)` (the largest sites as labelled rows), `to_frame()` (a pandas table, one
+    row per site), `sel(layer=..., pos=..., head=...)` (a smaller `Scores`). Integers in
+    queries are site numbers (layer 3, position 5, head 2), strings are labels (`"5: Mary"`,
+    `"IO"` for slots).
     """
 
     family: str
@@ -128,19 +156,166 @@ class Scores:
     labels: dict[str, list[str]] = field(default_factory=dict)
     baseline: float = 0.0
     signed: bool = True
+    numbers: dict[str, list[int]] = field(default_factory=dict)
 
     def flat(self) -> Float[Tensor, " sites"]:
         """Values flattened over sites, in the same order for every method of the family."""
         return self.values.detach().flatten().float().cpu()
 
+    def axis_numbers(self, axis: str) -> list[int]:
+        """The site number of each index along `axis`: the layer number for `layer` (from its
+        labels), the index otherwise, unless `sel` kept only some (`numbers`). For named axes
+        (`slot`) the index."""
+        size = self.values.shape[self._axis(axis)]
+        if axis in self.numbers:
+            return list(self.numbers[axis])
+        if axis == "layer" and len(self.labels.get("layer", [])) == size:
+            try:
+                return [int(x) for x in self.labels["layer"]]
+            except ValueError:
+                pass
+        return list(range(size))
+
+    def axis_labels(self, axis: str) -> list[str]:
+        """A label per index along `axis` (its numbers as strings where it has no labels)."""
+        labels = self.labels.get(axis)
+        if labels is not None and len(labels) == self.values.shape[self._axis(axis)]:
+            return list(labels)
+        return [str(n) for n in self.axis_numbers(axis)]
+
     def site_labels(self) -> list[str]:
-        """A label per flattened site, e.g. `L3 pos5` or `L3 H2` (layers by their number)."""
-        names = {"layer": "L", "pos": "pos", "head": "H", "neuron": "N", "latent": "F"}
-        layers = self.labels.get("layer", [str(i) for i in range(self.values.shape[0])])
-        grids = torch.cartesian_prod(*[torch.arange(s) for s in self.values.shape])
-        grids = grids.reshape(-1, len(self.dims))
-        return [" ".join(f"{names.get(d, d)}{layers[int(i)] if d == 'layer' else int(i)}"
-                         for d, i in zip(self.dims, row)) for row in grids]
+        """A label per flattened site, e.g. `L3 pos5`, `L3 H2` or `L3 IO` (numbers are site
+        numbers: layer, position, head; slots by their name)."""
+        parts = [[f"{_PREFIX.get(d, d)}{v}" for v in self._axis_values(d)] for d in self.dims]
+        return [" ".join(parts[k][i] for k, i in enumerate(index)) for index in self._indices()]
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def to_frame(self):
+        """A pandas DataFrame with one row per site (in `flat()` order): one column per axis
+        and `value`. Numbered axes hold site numbers (int); named axes (`slot`) their labels;
+        an axis whose labels say more than its numbers (`pos`: `"5: Mary"`) gets a second
+        column `<axis>_label`."""
+        import pandas as pd
+
+        return pd.DataFrame(self._rows(range(self.values.numel())), columns=self._columns())
+
+    def top(self, k: int = 10, by: str = "abs") -> list[dict[str, int | str | float]]:
+        """The `k` sites with the largest scores, largest first, each a row as in `to_frame`
+        (`{"layer": 3, "head": 2, "value": 0.41}`; `pd.DataFrame(rows)` makes a table).
+
+        Args:
+            k: how many sites (fewer if there are fewer).
+            by: `"abs"` (largest |value|), `"max"` (most positive) or `"min"` (most negative).
+                Ties keep `flat()` order.
+        """
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        keys = {"abs": lambda v: -v.abs(), "max": lambda v: -v, "min": lambda v: v}
+        if by not in keys:
+            raise ValueError(f"by must be one of {', '.join(map(repr, keys))}, got {by!r}")
+        flat = self.flat()
+        order = torch.sort(keys[by](flat), stable=True).indices[:k]
+        return self._rows(order.tolist())
+
+    def sel(self, **axes: Selector) -> Scores:
+        """The scores of some sites only, as a smaller `Scores` with the same axes.
+
+        Each keyword names an axis (`layer`, `pos`, `head`, `slot`, ...) and what to keep: a
+        site number (`layer=3`, `pos=5`: the number, not the index, so a second `sel` means
+        the same sites), a label (`pos="5: Mary"`, `slot="IO"`), a list or range of them (kept
+        in the order given), or a slice of numbers (`layer=slice(2, 5)`: layers 2, 3, 4).
+        An axis selected by one number keeps length 1 (`.values` stays `[layer, ...]`).
+        """
+        values, labels, numbers = self.values, dict(self.labels), dict(self.numbers)
+        for axis, selector in axes.items():
+            if axis not in self.dims:
+                raise ValueError(f"these {self.family} scores have no axis {axis!r}; their axes "
+                                 f"are {', '.join(self.dims)}")
+            index = self._resolve(axis, selector)
+            dim = self._axis(axis)
+            values = values.index_select(dim, torch.tensor(index, device=values.device))
+            if axis in self.labels:
+                labels[axis] = [self.axis_labels(axis)[i] for i in index]
+            if axis not in NAMED_AXES:
+                numbers[axis] = [self.axis_numbers(axis)[i] for i in index]
+        return replace(self, values=values, labels=labels, numbers=numbers)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _axis(self, axis: str) -> int:
+        return self.dims.index(axis)
+
+    def _axis_values(self, axis: str) -> list[int] | list[str]:
+        """What identifies an index along `axis` in rows: its number, or its label if named."""
+        return self.axis_labels(axis) if axis in NAMED_AXES else self.axis_numbers(axis)
+
+    def _extra_labels(self) -> list[str]:
+        """Numbered axes whose labels say more than their numbers (positions with tokens)."""
+        return [d for d in self.dims if d not in NAMED_AXES and d in self.labels
+                and self.axis_labels(d) != [str(n) for n in self.axis_numbers(d)]]
+
+    def _columns(self) -> list[str]:
+        extra = self._extra_labels()
+        cols = []
+        for d in self.dims:
+            cols += [d, f"{d}_label"] if d in extra else [d]
+        return [*cols, "value"]
+
+    def _indices(self) -> list[tuple[int, ...]]:
+        return list(itertools.product(*[range(s) for s in self.values.shape]))
+
+    def _rows(self, flat_indices: Sequence[int]) -> list[dict[str, int | str | float]]:
+        extra = self._extra_labels()
+        ids = {d: self._axis_values(d) for d in self.dims}
+        names = {d: self.axis_labels(d) for d in extra}
+        flat = self.flat()
+        picked = torch.as_tensor(list(flat_indices), dtype=torch.long)
+        coords = [c.tolist() for c in torch.unravel_index(picked, tuple(self.values.shape))]
+        rows = []
+        for k, value in enumerate(flat[picked].tolist()):
+            row: dict[str, int | str | float] = {}
+            for d, c in zip(self.dims, coords):
+                row[d] = ids[d][c[k]]
+                if d in extra:
+                    row[f"{d}_label"] = names[d][c[k]]
+            row["value"] = value
+            rows.append(row)
+        return rows
+
+    def _resolve(self, axis: str, selector: Selector) -> list[int]:
+        """Indices along `axis` of a selector (see `sel`); a ValueError naming what is missing."""
+        numbers, labels = self.axis_numbers(axis), self.axis_labels(axis)
+        named = axis in NAMED_AXES
+        if isinstance(selector, slice):
+            if named:
+                return list(range(len(labels)))[selector] or self._none(axis, selector)
+            start = -math.inf if selector.start is None else selector.start
+            stop = math.inf if selector.stop is None else selector.stop
+            step = selector.step or 1
+            base = 0 if selector.start is None else selector.start
+            index = [i for i, n in enumerate(numbers) if start <= n < stop and (n - base) % step == 0]
+            return index or self._none(axis, selector)
+        items = [selector] if isinstance(selector, (int, str)) else list(selector)
+        index = []
+        for item in items:
+            if isinstance(item, str):
+                found = [i for i, label in enumerate(labels) if label == item]
+            elif named:
+                found = [item] if 0 <= item < len(labels) else []
+            else:
+                found = [i for i, n in enumerate(numbers) if n == item]
+            if not found:
+                self._none(axis, item)
+            index += found
+        return index or self._none(axis, selector)
+
+    def _none(self, axis: str, what: object) -> list[int]:
+        shown = self.axis_labels(axis)
+        more = ", ..." if len(shown) > 12 else ""
+        raise ValueError(f"{axis} {what!r} selects nothing in these {self.family} scores; the "
+                         f"{axis} labels are {', '.join(map(repr, shown[:12]))}{more} (integers "
+                         f"select by number: {self.axis_numbers(axis)[:12]}{more})")
 
 
 def default_labels(
