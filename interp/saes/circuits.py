@@ -32,21 +32,25 @@ Caveats:
   prompt reaches that position (`end_pos`).
 - With several SAEs, the SAE at an earlier layer changes the input of a later one; the later
   SAE's error node absorbs that, so `m(M)` is exactly the model's own metric.
+
+The node-circuit tools are general (any site families) and live in `interp.attribution.circuits`
+(`top_nodes`, `ablation_means`, `node_circuit_metric`, `node_faithfulness_curve`,
+`NodeFaithfulnessCurve`); this module re-exports them under the names it has always used
+(`circuit_metric`, `faithfulness_curve`, `FaithfulnessCurve`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
-import torch
-from jaxtyping import Bool, Float, Int
-from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from interp.attribution.metrics import MetricLike, as_metric
-from interp.attribution.sites import Scores, SiteFamily
+from interp.attribution.circuits import NodeFaithfulnessCurve as FaithfulnessCurve
+from interp.attribution.circuits import ablation_means, top_nodes
+from interp.attribution.circuits import node_circuit_metric as circuit_metric
+from interp.attribution.circuits import node_faithfulness_curve as faithfulness_curve
+from interp.attribution.sites import SiteFamily
 from interp.saes.attach import attached_saes, latent_hook_name
 
 __all__ = [
@@ -99,143 +103,3 @@ def latent_families(
             fams.append(SiteFamily(f"errors_{short}", latent_hook_name(template, "error"),
                                    ("pos",), ("batch", "pos", "d_act"), tuple(sorted(layers))))
     return fams
-
-
-def top_nodes(scores: Mapping[str, Scores], n: int) -> dict[str, Bool[Tensor, "layer ..."]]:
-    """Masks (one per family, shaped like its scores) of the `n` nodes with the largest
-    |score| over all families together (ties broken by order)."""
-    flat = torch.cat([s.flat().abs() for s in scores.values()])
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    if n > 0:
-        keep[torch.topk(flat, min(n, len(flat))).indices] = True
-    masks, start = {}, 0
-    for name, s in scores.items():
-        size = s.values.numel()
-        masks[name] = keep[start:start + size].reshape(s.values.shape)
-        start += size
-    return masks
-
-
-def ablation_means(
-    model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
-    fams: Sequence[SiteFamily],
-    end_pos: Int[Tensor, " batch"] | None = None,
-) -> dict[str, Float[Tensor, "pos ..."]]:
-    """Per hook point, the mean activation at each position over the rows whose prompt reaches
-    it (rows are right-padded up to `end_pos`; None: all rows are full length)."""
-    names = [f.hook_name(layer) for f in fams for layer in f.layer_list(model)]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    batch, n_pos = tokens.shape
-    if end_pos is None:
-        valid = torch.ones(batch, n_pos, dtype=torch.bool)
-    else:
-        valid = torch.arange(n_pos)[None, :] <= end_pos.cpu()[:, None]
-    means = {}
-    for name in names:
-        act = cache[name]
-        w = valid.to(act.device, act.dtype).reshape(batch, n_pos, *([1] * (act.ndim - 2)))
-        means[name] = (act * w).sum(0) / w.sum(0).clamp(min=1)
-    return means
-
-
-def circuit_metric(
-    model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
-    metric: MetricLike,
-    fams: Sequence[SiteFamily],
-    keep: Mapping[str, Bool[Tensor, "layer ..."]],
-    means: Mapping[str, Float[Tensor, "pos ..."]],
-) -> float:
-    """The mean metric with every node of `fams` outside `keep` replaced by its mean.
-
-    `keep[family]` is shaped like that family's `Scores.values` (`[layer, pos, latent]` or
-    `[layer, pos]`); a family missing from `keep` is ablated entirely. `metric` is any
-    `interp.attribution.metrics.Metric` or a plain function of the full logits.
-    """
-    metric = as_metric(metric, tokens.shape[0], model.cfg.d_vocab)
-    hooks = []
-    for fam in fams:
-        for i, layer in enumerate(fam.layer_list(model)):
-            name = fam.hook_name(layer)
-            mask = keep[fam.name][i] if fam.name in keep else None
-
-            def ablate(act, hook, mask=mask, mean=means[name]):
-                n_pos = act.shape[1]
-                mean = mean[:n_pos].to(act.dtype)
-                if mask is None:
-                    return mean.expand_as(act).clone()
-                m = mask[:n_pos].to(act.device)
-                m = m.reshape(*m.shape, *([1] * (act.ndim - 1 - m.ndim)))
-                return torch.where(m, act, mean)
-
-            hooks.append((name, ablate))
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        return metric.on_model(model, tokens).mean().item()
-
-
-@dataclass
-class FaithfulnessCurve:
-    """Faithfulness of the top-`n` circuits of one attribution method.
-
-    Attributes:
-        method: the attribution method that ranked the nodes.
-        counts: node counts `n`.
-        metric: `m(C_n)` for each count.
-        faithfulness: `(m(C_n) - m_empty) / (m_full - m_empty)` for each count.
-        m_full, m_empty: the metric of the unablated model and with every node ablated.
-        n_nodes: number of nodes ranked.
-    """
-
-    method: str
-    counts: list[int]
-    metric: list[float]
-    faithfulness: list[float]
-    m_full: float
-    m_empty: float
-    n_nodes: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def faithfulness_curve(
-    model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
-    metric: MetricLike,
-    scores: Mapping[str, Scores],
-    fams: Sequence[SiteFamily],
-    counts: Sequence[int],
-    means: Mapping[str, Float[Tensor, "pos ..."]],
-) -> FaithfulnessCurve:
-    """Faithfulness of the circuits of the top-`n` nodes by |score|, for each `n` in `counts`.
-
-    Args:
-        tokens: the prompts on which the circuit is evaluated (usually the clean ones).
-        metric: their metric, any `interp.attribution.metrics.Metric` or a plain function of
-            the full logits (normalised or not: faithfulness is a ratio of differences).
-        scores: a method's `Scores` per family of `fams` (e.g. from `relp`).
-        fams: the node families (`latent_families(model)`); all their nodes can be ablated.
-        means: the ablation values (`ablation_means`).
-    """
-    missing = [f.name for f in fams if f.name not in scores]
-    if missing:
-        raise ValueError(f"scores lack the families {missing}; got {sorted(scores)}")
-    metric = as_metric(metric, tokens.shape[0], model.cfg.d_vocab)
-    ranked = {f.name: scores[f.name] for f in fams}
-    n_nodes = sum(s.values.numel() for s in ranked.values())
-    with torch.no_grad():
-        m_full = metric.on_model(model, tokens).mean().item()
-    m_empty = circuit_metric(model, tokens, metric, fams, {}, means)
-    if abs(m_full - m_empty) < 1e-9:
-        raise ValueError("ablating every node leaves the metric unchanged, so faithfulness is "
-                         "undefined; the SAEs' hook points do not carry this behaviour")
-    values = [circuit_metric(model, tokens, metric, fams, top_nodes(ranked, int(n)), means)
-              for n in counts]
-    method = next(iter(ranked.values())).method
-    return FaithfulnessCurve(
-        method=method, counts=[int(n) for n in counts], metric=values,
-        faithfulness=[(v - m_empty) / (m_full - m_empty) for v in values],
-        m_full=m_full, m_empty=m_empty, n_nodes=n_nodes,
-    )

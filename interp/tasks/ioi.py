@@ -279,10 +279,10 @@ class PromptPairs:
         return logit_diff(logits, self.answer_ids, self.wrong_ids, self.end_pos)
 
     def metric(self, model: HookedTransformer, normalise: bool = True, batch_size: int = 64) -> LogitDiff:
-        """The logit-difference metric of these pairs, read at each row's `end_pos`, the one
-        metric every attribution method takes. With `normalise`, rescaled by `model`'s mean
-        clean and corrupt logit differences so that clean scores 1 and corrupt 0 on average
-        (an error if the corruption leaves the mean unchanged)."""
+        """The logit-difference metric of these pairs, read at each row's `end_pos` (the default
+        metric of `attribution.attribute`; every method takes any metric). With `normalise`,
+        rescaled by `model`'s mean clean and corrupt logit differences so that clean scores 1
+        and corrupt 0 on average (an error if the corruption leaves the mean unchanged)."""
         raw = LogitDiff(self.answer_ids, self.wrong_ids, end_pos=self.end_pos)
         if not normalise:
             return raw
