@@ -340,7 +340,25 @@ def _check_resume(study: Study, reference, model_dir: Path, data: Path, root: Pa
     resumed, uninterrupted = comparable(results, root), comparable(ref_results, ref_root)
     resumed.pop("reused_from_cache", None)
     uninterrupted.pop("reused_from_cache", None)
-    assert resumed == uninterrupted
+    # Equal up to float rounding: the killed part ran in another process, and with more than
+    # one torch thread the order of parallel reductions (so the last bits) can differ.
+    _assert_close(resumed, uninterrupted)
+
+
+def _assert_close(a, b, path: str = "results") -> None:
+    """Same structure, same strings and ints; floats equal to 1e-5 relative (1e-7 absolute)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), (path, sorted(a.keys() ^ b.keys()))
+        for key in a:
+            _assert_close(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), (path, len(a), len(b))
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7, nan_ok=True), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
 
 
 RESUMABLE = [name for name, s in STUDIES.items() if s.units is not None]
