@@ -6,10 +6,11 @@ A thin study over `interp.concepts.parametric`, `interp.training`, `interp.edits
 
 1. **Concepts** from `../shared/data/conceptvectors/*_concepts_dev.json` (28 concepts). The
    model's greedy answers to each concept's questions are its *original answers*. A concept is
-   *known* when its knowledge score reaches `--knowledge-threshold`: the mean over questions of
-   the share of an answer's content words (lowercased alphabetic words of >= 3 letters, not
-   scikit-learn stop words, not in the question or the concept's name) that occur in the
-   concept's Wikipedia article; an answer without content words scores 0. Only known concepts
+   *known* when its knowledge score (`interp.concepts.conceptvectors.knowledge_score`) reaches
+   `--knowledge-threshold`: the mean over questions of the share of an answer's content words
+   (lowercased alphabetic words of >= 3 letters, not scikit-learn stop words, not in the
+   question or the concept's name) that occur in the concept's Wikipedia article; an answer
+   without content words scores 0. Only known concepts
    go on; how many survive is reported, nothing is padded.
 2. **Behaviour metrics**, as the paper: greedy answers (`--max-new-tokens`) to the target
    questions, the text completions ("Please complete the following paragraph: {first half}")
@@ -62,9 +63,7 @@ every later run with the same k, norm and layers.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -74,8 +73,8 @@ import torch
 from transformer_lens import HookedTransformer
 
 from interp import edits, plots
+from interp.concepts import conceptvectors as CV
 from interp.concepts import parametric as P
-from interp.data import data_file
 from interp.generation import generate_with
 from interp.judges import judge_similarity
 from interp.studies import (
@@ -94,8 +93,6 @@ DESCRIPTION = ("Unlearning traces (ConceptVectors): locate concept vectors in ML
 STUDY = "unlearning-traces"
 METHODS = ("ga", "gd", "npo", "npo_kl", "dpo", "needle")
 SCOPES = ("full", "mlp_out")
-CONCEPT_FILES = ("llama2-7b_concepts_dev.json", "olmo-7b_concepts_dev.json")
-GERMAN_FILES = ("llama_jailbreak_German_qa.json", "olmo_jailbreak_German_qa.json")
 #: Peak learning rates (AdamW) per method; Needle trains one vector, so it needs far more.
 LEARNING_RATES = {"ga": 3e-5, "gd": 3e-5, "npo": 5e-5, "npo_kl": 5e-5, "dpo": 5e-5, "needle": 1e-2}
 #: The losses of `interp.training` behind each method.
@@ -180,29 +177,11 @@ add_arguments = options_parser(Options)
 
 
 def load_concepts(names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """The 28 dev concepts (LLaMA then OLMo file), optionally only `names` (in that order)."""
-    items: list[dict[str, Any]] = []
-    seen = set()
-    for f in CONCEPT_FILES:
-        for c in json.loads(data_file(f"conceptvectors/{f}").read_text()):
-            if c["Concept"] not in seen:
-                seen.add(c["Concept"])
-                items.append(c)
-    if names is None:
-        return items
-    by = {c["Concept"]: c for c in items}
-    missing = [n for n in names if n not in by]
-    if missing:
-        raise StudyInputError(f"unknown concept(s) {missing}; known: {', '.join(by)}")
-    return [by[n] for n in names]
-
-
-def german_questions() -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for f in GERMAN_FILES:
-        for k, v in json.loads(data_file(f"conceptvectors/{f}").read_text()).items():
-            out.setdefault(k, [q.strip() for q in v])
-    return out
+    """`conceptvectors.load_concepts`, with an unknown name as a study input error."""
+    try:
+        return CV.load_concepts(names)
+    except CV.UnknownConceptError as exc:
+        raise StudyInputError(str(exc)) from exc
 
 
 def is_chat(model: HookedTransformer) -> bool:
@@ -262,25 +241,6 @@ def similarity(answers: dict[str, list[str]], original: dict[str, list[str]]) ->
         j = judge_similarity(got, original[k])
         out[k] = {"bleu": j.means["bleu"].mean, "rouge_l": j.means["rouge_l"].mean}
     return out
-
-
-_WORD = re.compile(r"[A-Za-z]{3,}")
-
-
-def content_words(text: str, exclude: set[str]) -> list[str]:
-    stop = P.stop_words()
-    return [w for w in (m.lower() for m in _WORD.findall(text)) if w not in stop and w not in exclude]
-
-
-def knowledge_score(answers: Sequence[str], questions: Sequence[str], concept: str, article: str) -> float:
-    """Mean over answers of the share of content words found in the article (module doc)."""
-    vocab = {w.lower() for w in _WORD.findall(article)}
-    scores = []
-    for a, q in zip(answers, questions):
-        exclude = {w.lower() for w in _WORD.findall(q + " " + concept)}
-        words = content_words(a, exclude)
-        scores.append(sum(w in vocab for w in words) / len(words) if words else 0.0)
-    return sum(scores) / len(scores) if scores else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,7 +367,7 @@ def run(config: StudyConfig, **options: Any) -> dict:
 
 def _run(study: StudyRun, model: HookedTransformer, opts: Options, seed: int) -> dict[str, Any]:
     concepts = load_concepts(opts.concepts)
-    german = german_questions()
+    german = CV.german_questions()
     all_concepts = load_concepts()
     layers = (list(range(0, model.cfg.n_layers, opts.layer_stride)) if opts.layers is None
               else list(opts.layers))
@@ -420,7 +380,7 @@ def _run(study: StudyRun, model: HookedTransformer, opts: Options, seed: int) ->
             sets = prompt_sets(model, c, opts, german)
             originals[c["Concept"]] = study.cached(f"original/{c['Concept']}",
                                                    lambda sets=sets: answer_all(model, sets, opts))
-            knowledge[c["Concept"]] = knowledge_score(
+            knowledge[c["Concept"]] = CV.knowledge_score(
                 originals[c["Concept"]]["target"], c["QA"][:opts.n_questions], c["Concept"],
                 c["wikipedia_content"])
     known = [c for c in concepts if knowledge[c["Concept"]] >= opts.knowledge_threshold]

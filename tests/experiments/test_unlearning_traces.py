@@ -30,17 +30,6 @@ def raw_model():
     return models.load(models.DEFAULT_MODEL, device="cpu", processing=False)
 
 
-def test_knowledge_score_by_hand():
-    article = "Warsaw is the capital of Poland. The Vistula river flows north."
-    answers = ["The capital is Warsaw, by the Vistula.", "It is Berlin, famous for beer."]
-    questions = ["What is the capital of Poland?", "Which city?"]
-    # content words: answer 1 -> warsaw, vistula ('capital' is in the question; 'the', 'is',
-    # 'by' are stop words or too short) -> 2/2 in the article; answer 2 -> berlin, famous,
-    # beer -> 0/3
-    assert U.knowledge_score(answers, questions, "Poland", article) == pytest.approx(0.5)
-    assert U.knowledge_score(["the of and"], ["q"], "x", article) == 0.0
-
-
 def test_needle_run_changes_only_the_value_vector(raw_model):
     concept = U.load_concepts(["Poland"])[0]
     retain = U.load_concepts(["Italy"])[0]
