@@ -67,6 +67,7 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from interp import hooks as _hooks
 from interp.layout import inference_layout
+from interp.tokens import tokenize
 
 __all__ = [
     "END_OF_TURN_TOKENS",
@@ -146,7 +147,7 @@ def token_lists(
             `[pos]` / `[batch, pos]` (taken as it is, rows unpadded).
         chat: wrap each string in the tokenizer's chat template as one user turn with the
             generation prompt (`<|im_start|>assistant\\n` for SmolLM2), as
-            `interp.concepts.collect.tokenize` does (an error for token ids).
+            `interp.tokens.tokenize` does (an error for token ids).
         prepend_bos: for plain strings; default `model.cfg.default_prepend_bos`. A string that
             already starts with the BOS token (a chat template that writes it) gets no second.
     """
@@ -157,9 +158,6 @@ def token_lists(
             raise ValueError(f"token prompts must be an int tensor [pos] or [batch, pos], got "
                              f"{prompts.dtype} {tuple(prompts.shape)}")
         return [row.tolist() for row in (prompts[None] if prompts.ndim == 1 else prompts)]
-    # Imported here: interp.concepts imports this module (its vectors re-export generation).
-    from interp.concepts.collect import tokenize
-
     items = [p.reshape(-1).tolist() if isinstance(p, Tensor) else p for p in prompts]
     ids, _ = tokenize(model, items, chat_template=chat, prepend_bos=prepend_bos)
     bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None

@@ -58,7 +58,6 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from interp import hooks as _hooks
-from interp.concepts.collect import tokenize
 from interp.data import data_file
 from interp.generation import (
     Generation,
@@ -70,6 +69,7 @@ from interp.generation import (
 )
 from interp.judges.refusal import REFUSAL_PHRASES, is_refusal  # re-exported from their owner
 from interp.layout import inference_layout
+from interp.tokens import tokenize
 
 __all__ = [
     "DEFAULT_REFUSAL_STARTS",

@@ -34,7 +34,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from interp.concepts.collect import tokenize
+from interp.tokens import tokenize
 
 __all__ = [
     "Batch",
