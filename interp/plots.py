@@ -126,3 +126,53 @@ def scores_heatmap(scores: Scores, title: str | None = None) -> go.Figure:
     fig.update_xaxes(type="category")
     fig.update_yaxes(type="category")
     return fig
+
+
+def edge_circuit(graph, keep, scores, title: str, roles: dict[str, str] | None = None) -> go.Figure:
+    """An edge circuit drawn as a graph: nodes of `graph` touched by the edges in `keep`
+    (`[senders, receivers]` bool) placed by layer (y, input at the bottom, logits on top) and
+    head (x; each layer's MLP right of its heads), edges as lines coloured by the sign of
+    `scores` (`[senders, receivers]`, e.g. `EdgeScores.dense()`; blue helps, red hurts) and
+    as wide as their |score| (three widths). `roles` adds a label per head (e.g. its IOI role).
+    q/k/v receivers of one head are drawn as that head."""
+    keep, scores = keep.cpu(), scores.detach().float().cpu()
+    s_idx, r_idx = keep.nonzero(as_tuple=True)
+
+    def place(node) -> tuple[float, float]:
+        if node.kind == "input":
+            return (graph.n_heads / 2, -1.0)
+        if node.kind == "logits":
+            return (graph.n_heads / 2, float(graph.n_layers))
+        if node.kind == "mlp":
+            return (float(graph.n_heads), node.layer + 0.5)
+        return (float(node.head), float(node.layer))
+
+    used: dict[str, object] = {}
+    lines_by: dict[tuple[bool, int], tuple[list, list]] = {}
+    values = scores[s_idx, r_idx]
+    top = float(values.abs().max()) if len(values) else 1.0
+    for s, r, v in zip(s_idx.tolist(), r_idx.tolist(), values.tolist()):
+        sender, receiver = graph.senders[s], graph.receivers[r].node
+        used[sender.name], used[receiver.name] = sender, receiver
+        (x0, y0), (x1, y1) = place(sender), place(receiver)
+        width = 0 if abs(v) < top / 4 else 1 if abs(v) < top / 2 else 2
+        xs, ys = lines_by.setdefault((v >= 0, width), ([], []))
+        xs += [x0, x1, None]
+        ys += [y0, y1, None]
+    fig = go.Figure()
+    for (positive, width), (xs, ys) in sorted(lines_by.items()):
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
+                                 line=dict(width=1 + 2.5 * width,
+                                           color="rgba(31,119,180,0.55)" if positive else "rgba(214,39,40,0.55)")))
+    names = sorted(used, key=lambda n: (place(used[n])[1], place(used[n])[0]))
+    labels = [n + (f" ({roles[n]})" if roles and n in roles else "") for n in names]
+    kinds = {"input": "#444", "logits": "#444", "mlp": "#2ca02c", "head": "#ff7f0e"}
+    fig.add_trace(go.Scatter(
+        x=[place(used[n])[0] for n in names], y=[place(used[n])[1] for n in names],
+        mode="markers+text", text=labels, textposition="top center", hovertext=labels,
+        marker=dict(size=11, color=[kinds[used[n].kind] for n in names], line=dict(width=1, color="white")),
+        showlegend=False))
+    fig.update_layout(title=title, template="plotly_white", height=700,
+                      xaxis=dict(title="head (MLP at the right)", tickmode="linear", dtick=1),
+                      yaxis=dict(title="layer (input below, logits on top)"))
+    return fig

@@ -97,7 +97,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from interp.attribution.edges import RESID_0, _attn_out_norm, receiver_inputs, sender_hook_names
+from interp.attribution.edges import RESID_0, attn_out_norm, capture_senders, receiver_inputs
 from interp.attribution.graph import EdgeScores, Graph
 from interp.attribution.metrics import Metric, MetricLike, as_metric
 from interp.attribution.patching import check_pairs
@@ -253,19 +253,6 @@ def greedy_edges(edge_scores: EdgeScores, n: int, by: Ranking = "abs",
 # ----------------------------------------------------------------------------------------------
 
 
-def _capture_senders(model: HookedTransformer, graph: Graph, tokens: Tensor) -> dict[str, Tensor]:
-    """The sender activations (`sender_hook_names`) of a plain run on `tokens`."""
-    names = sender_hook_names(graph)
-    kept: dict[str, Tensor] = {}
-
-    def keep(act: Tensor, hook: HookPoint) -> None:
-        kept[hook.name] = act.detach()
-
-    with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
-        model(tokens, stop_at_layer=model.cfg.n_layers)
-    return kept
-
-
 def _ablated_writes(
     model: HookedTransformer,
     graph: Graph,
@@ -279,7 +266,7 @@ def _ablated_writes(
     heads. `"mean"`: the mean over the rows of `mean_tokens` at each position (rows count
     where `mean_valid` is True)."""
     acc = torch.promote_types(model.cfg.dtype, torch.float32)
-    acts = _capture_senders(model, graph, corrupt if ablation == "corrupt" else mean_tokens)
+    acts = capture_senders(model, graph, corrupt if ablation == "corrupt" else mean_tokens)
     if ablation == "mean":
         w = mean_valid.to(corrupt.device, acc)
         count = w.sum(0).clamp(min=1)
@@ -363,7 +350,7 @@ def _run_circuits(
                 ex_h = ex[:, hs]
                 if not ex_h.any():
                     continue
-                norm = _attn_out_norm(model, layer)
+                norm = attn_out_norm(model, layer)
                 a = attn_pre[layer]
                 moved = a[:, :, :, None] + einops.einsum(ex_h, diff[hs], "c h r, h c b p d -> c b p r d").to(a.dtype)
                 flat = einops.rearrange(moved, "c b p r d -> (c b r) p d").contiguous()

@@ -35,18 +35,20 @@ input that reads it later (models without a normalised attention output; tested)
 forward passes: rows are `edges x prompts`; each copy of the target batch starts from the
 target's residual stream entering the receiver's layer, gets its one sender difference added
 at its receiver's input hook, and runs the remaining blocks. Edges into the logits need no
-block at all (`final + delta_s`). Only the logits the metric reads are computed. Unlike
-`exact_patching`, every position runs (positions before the first differing token, where every
-sender difference is zero, are not skipped).
+block at all (`final + delta_s`). Only the logits the metric reads are computed. As in
+`exact_patching`, positions before the first token where the clean and corrupt batches differ
+are not run: both runs see the same tokens there, so (causal attention) every activation and
+every sender difference there is the same and no edge changes them; patched runs start at that
+position `p0` and read the target's keys and values of earlier positions from a KV cache.
 
 Any metric works (`metrics.Metric`, or a plain function of the logits).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
 
 import einops
 import torch
@@ -54,6 +56,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
@@ -61,10 +65,11 @@ from interp.attribution.graph import QKV, EdgeScores, EdgeSpec, Graph
 from interp.attribution.lrp import LRPRules, lrp_rules
 from interp.attribution.metrics import Metric, MetricLike, final_logits
 from interp.attribution.patching import Direction, check_pairs, targets
+from interp.hooks import capture
 from interp.layout import inference_layout
 
-__all__ = ["eap", "eap_ig", "exact_edge_patching", "receiver_inputs", "relp_edges",
-           "sender_deltas", "sender_hook_names"]
+__all__ = ["attn_out_norm", "capture_senders", "eap", "eap_ig", "exact_edge_patching",
+           "receiver_inputs", "relp_edges", "sender_deltas", "sender_hook_names"]
 
 #: Config flags `receiver_inputs` sets (and restores).
 _FLAGS = ("use_split_qkv_input", "use_hook_mlp_in", "ungroup_grouped_query_attention")
@@ -113,7 +118,7 @@ def _acc_dtype(model: HookedTransformer) -> torch.dtype:
     return torch.promote_types(model.cfg.dtype, torch.float32)
 
 
-def _attn_out_norm(model: HookedTransformer, layer: int) -> torch.nn.Module | None:
+def attn_out_norm(model: HookedTransformer, layer: int) -> torch.nn.Module | None:
     """The norm applied to a layer's attention output before it joins the stream, if any."""
     block = model.blocks[layer]
     if model.cfg.use_normalization_before_and_after:
@@ -143,7 +148,7 @@ def sender_deltas(
         w_o = model.blocks[layer].attn.W_O
         z_s, z_t = source[name], target[name]
         diff = einops.einsum((z_s - z_t).to(acc), w_o.to(acc), "b p h k, h k d -> h b p d")
-        norm = _attn_out_norm(model, layer)
+        norm = attn_out_norm(model, layer)
         if norm is not None:
             attn = einops.einsum(z_t, w_o, "b p h k, h k d -> b p d") + model.blocks[layer].attn.b_O
             moved = norm((attn[None] + diff.to(attn.dtype)).contiguous()).to(acc)
@@ -155,17 +160,12 @@ def sender_deltas(
     return torch.stack(out)
 
 
-def _capture(model: HookedTransformer, tokens: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
-    """Activations at `names` of `model` on `tokens` (no gradient), stopping at the final
-    residual stream."""
-    kept: dict[str, Tensor] = {}
-
-    def keep(act: Tensor, hook: HookPoint) -> None:
-        kept[hook.name] = act.detach()
-
-    with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names]):
+def capture_senders(model: HookedTransformer, graph: Graph, tokens: Int[Tensor, "batch pos"]) -> dict[str, Tensor]:
+    """The activations at `sender_hook_names(graph)` of a plain run of `model` on `tokens`
+    (no gradient), stopping at the final residual stream."""
+    with torch.no_grad(), capture(model, sender_hook_names(graph), layers=None) as store:
         model(tokens, stop_at_layer=model.cfg.n_layers)
-    return kept
+    return dict(store)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,6 +293,7 @@ def eap(
     graph: Graph | None = None,
     direction: Direction = "denoise",
     method: str = "eap",
+    rules: LRPRules | None = None,
 ) -> EdgeScores:
     """Edge attribution patching: `delta_s . d metric / d input_r` per edge, the gradient on
     the target run, summed over positions and averaged over prompts.
@@ -305,6 +306,7 @@ def eap(
             `Graph.from_model(model, qkv_inputs=True)` for q/k/v inputs apart).
         direction: `"denoise"` (clean sender outputs into the corrupt run) or `"noise"`.
         method: the name recorded in the result (`"relp"` under LRP rules).
+        rules: run the gradient pass inside `lrp_rules(model, rules)` (`relp_edges`).
     """
     target, source, metric, graph = _prepare(model, clean_tokens, corrupt_tokens, metric, graph, direction)
     batch = target.shape[0]
@@ -321,28 +323,18 @@ def eap(
             state["c"] = _shared_contract(scores, sender_deltas(model, graph, source_acts, kept), batch)
         state["c"](grad, ids, n_before)
 
-    with receiver_inputs(model):
-        source_acts = _capture(model, source, names)
+    with receiver_inputs(model), (lrp_rules(model, rules) if rules is not None else nullcontext()):
+        source_acts = capture_senders(model, graph, source)
         values = _gradient_pass(model, graph, target, metric, batch, contract,
                                 fwd_hooks=[(n, keep) for n in names])
     return _edge_scores(graph, scores, method, values.float().mean().item())
 
 
-def relp_edges(
-    model: HookedTransformer,
-    clean_tokens: Int[Tensor, "batch pos"],
-    corrupt_tokens: Int[Tensor, "batch pos"],
-    metric: MetricLike,
-    graph: Graph | None = None,
-    direction: Direction = "denoise",
-    rules: LRPRules | None = None,
-    method: str = "relp",
-) -> EdgeScores:
-    """RelP on edges: `eap` run inside `lrp_rules(model, rules)` (default `LRPRules.relp()`),
-    so the receiver gradients are LRP relevance gradients; the sender differences and the
-    metric are the same as EAP's (the forward pass is bit-identical)."""
-    with lrp_rules(model, rules if rules is not None else LRPRules.relp()):
-        return eap(model, clean_tokens, corrupt_tokens, metric, graph, direction, method=method)
+def relp_edges(*args: Any, rules: LRPRules | None = None, method: str = "relp", **kwargs: Any) -> EdgeScores:
+    """RelP on edges: `eap` (same arguments) run inside `lrp_rules(model, rules)` (default
+    `LRPRules.relp()`), so the receiver gradients are LRP relevance gradients; the sender
+    differences and the metric are the same as EAP's (the forward pass is bit-identical)."""
+    return eap(*args, rules=LRPRules.relp() if rules is None else rules, method=method, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,11 +377,10 @@ def eap_ig(
         raise ValueError(f"path must be 'inputs' or 'activations', got {path!r}")
     target, source, metric, graph = _prepare(model, clean_tokens, corrupt_tokens, metric, graph, direction)
     batch, n_pos = target.shape
-    names = sender_hook_names(graph)
     scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=_acc_dtype(model), device=target.device)
     max_rows = _rows_per_pass(model, n_pos, memory_gb, backward=True)
     with receiver_inputs(model):
-        src, tgt = _capture(model, source, names), _capture(model, target, names)
+        src, tgt = capture_senders(model, graph, source), capture_senders(model, graph, target)
         with torch.no_grad():
             baseline = metric.on_model(model, target).float().mean().item()
         deltas = sender_deltas(model, graph, src, tgt)
@@ -518,23 +509,25 @@ def exact_edge_patching(
     names = sender_hook_names(graph)
     pairs = graph.pairs(ids)
     layer_of = torch.tensor([graph.receivers[r].node.layer for r in pairs[:, 1].tolist()], dtype=torch.long)
-    copies = max(1, _rows_per_pass(model, n_pos, memory_gb, backward=False) // batch)
+    differs = (target != source).any(0).nonzero()
+    p0 = int(differs[0]) if len(differs) else n_pos - 1  # at most n_pos - 1: something runs
+    copies = max(1, _rows_per_pass(model, n_pos - p0, memory_gb, backward=False) // batch)
     values = torch.zeros(len(ids))
     bar = tqdm(total=len(ids), desc="exact edge patching", disable=not progress, unit="edge")
     with torch.no_grad(), inference_layout(model):
-        starts, tgt = _target_states(model, target, names)
-        deltas = sender_deltas(model, graph, _capture(model, source, names), tgt).to(model.cfg.dtype)
-        baseline = _metric_rows(model, metric, starts[-1])
+        run = _target_run(model, target, names, metric, p0)
+        deltas = sender_deltas(model, graph, capture_senders(model, graph, source), run.acts)
+        deltas = deltas[:, :, p0:].to(model.cfg.dtype)
         for layer in sorted(set(layer_of.tolist())):
             todo = (layer_of == layer).nonzero()[:, 0]
             for lo in range(0, len(todo), copies):
                 chunk = todo[lo:lo + copies]
-                patched = _run_edges(model, graph, metric, starts, deltas, pairs[chunk], layer)
-                values[chunk] = (patched.view(len(chunk), batch) - baseline).float().mean(1).cpu()
+                patched = _run_edges(model, graph, run, deltas, pairs[chunk], layer)
+                values[chunk] = (patched - run.baseline).float().mean(1).cpu()
                 bar.update(len(chunk))
     bar.close()
     return EdgeScores(graph=graph, ids=ids, values=values, method="exact",
-                      baseline=baseline.float().mean().item())
+                      baseline=run.baseline.float().mean().item())
 
 
 def _chosen(graph: Graph, edges: Sequence[EdgeSpec] | None, receivers: str | Sequence[str] | None,
@@ -557,49 +550,104 @@ def _chosen(graph: Graph, edges: Sequence[EdgeSpec] | None, receivers: str | Seq
     return ids
 
 
-def _target_states(
-    model: HookedTransformer, tokens: Tensor, names: Sequence[str]
-) -> tuple[list[Tensor], dict[str, Tensor]]:
-    """The residual stream entering each layer (and the final one last) and the sender
-    activations of the target run, block by block."""
+class _TargetRun(NamedTuple):
+    """The unpatched target run that every patched run starts from (positions `p0..`)."""
+
+    starts: list[Float[Tensor, "batch pos d_model"]]
+    """The residual stream entering each layer at positions `p0..`, and the final one last."""
+    kv: list[TransformerLensKeyValueCacheEntry]
+    """Each layer's keys and values at positions before `p0` (frozen; key/value heads as the
+    model groups them)."""
+    acts: dict[str, Tensor]
+    """The activations at `sender_hook_names`, every position."""
+    p0: int
+    metric: Metric
+    baseline: Float[Tensor, " batch"]
+    """The metric of each prompt's unpatched target run."""
+    prefix_logits: Float[Tensor, "batch p0 vocab"] | None
+    """The logits before `p0`, kept only for metrics that read every position."""
+
+
+def _target_run(model: HookedTransformer, tokens: Tensor, names: Sequence[str], metric: Metric,
+                p0: int) -> _TargetRun:
+    """Run the target block by block, keeping the sender activations, the residual stream
+    entering each layer and each layer's keys and values."""
     kept: dict[str, Tensor] = {}
 
     def keep(act: Tensor, hook: HookPoint) -> None:
         kept[hook.name] = act
 
+    kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, tokens.shape[0]).entries
     with model.hooks(fwd_hooks=[(n, keep) for n in names]):
         x = model(tokens, stop_at_layer=0)
-        starts = [x]
-        for block in model.blocks:
-            x = block(x)
-            starts.append(x)
-    return starts, kept
-
-
-def _metric_rows(model: HookedTransformer, metric: Metric, final: Float[Tensor, "rows pos d_model"]) -> Tensor:
-    """The metric of each row (rows `(copies batch)`) from the final residual stream."""
+        starts = [x[:, p0:]]
+        for block, entry in zip(model.blocks, kv):
+            x = block(x, past_kv_cache_entry=entry)
+            starts.append(x[:, p0:])
+    for entry in kv:
+        entry.past_keys, entry.past_values = entry.past_keys[:, :p0], entry.past_values[:, :p0]
+        entry.frozen = True
     if metric.reads_all_positions:
-        return metric(final_logits(model, final))
-    return metric.from_final_resid(model, metric.at_end(final))
+        logits = final_logits(model, x)
+        return _TargetRun(starts, kv, kept, p0, metric, metric(logits), logits[:, :p0])
+    baseline = metric.from_final_resid(model, metric.at_end(x))
+    return _TargetRun(starts, kv, kept, p0, metric, baseline, None)
+
+
+def _past(run: _TargetRun, layer: int, copies: int, per_query_head: bool,
+          n_heads: int) -> TransformerLensKeyValueCacheEntry | None:
+    """Layer `layer`'s cached keys and values before `p0` for `copies` copies of the batch;
+    repeated per query head for a block run with `ungroup_grouped_query_attention`."""
+    if run.p0 == 0:
+        return None
+    entry = run.kv[layer]
+    keys, vals = entry.past_keys, entry.past_values
+    if per_query_head and keys.shape[2] != n_heads:
+        keys = keys.repeat_interleave(n_heads // keys.shape[2], dim=2)
+        vals = vals.repeat_interleave(n_heads // vals.shape[2], dim=2)
+    return TransformerLensKeyValueCacheEntry(past_keys=keys.repeat(copies, 1, 1, 1),
+                                             past_values=vals.repeat(copies, 1, 1, 1), frozen=True)
+
+
+def _metric_rows(model: HookedTransformer, run: _TargetRun,
+                 final: Float[Tensor, "rows pos d_model"]) -> Float[Tensor, "copies batch"]:
+    """The metric of each row (rows `(copies batch)`) from the final residual stream at
+    positions `p0..`. A prompt whose prediction lies before `p0` keeps its baseline (no edge
+    can change it); a metric that reads every position gets the target's logits before `p0`."""
+    metric, p0 = run.metric, run.p0
+    batch = len(metric)
+    copies = final.shape[0] // batch
+    if metric.reads_all_positions:
+        logits = final_logits(model, final)
+        if p0:
+            logits = torch.cat([run.prefix_logits.repeat(copies, 1, 1), logits], 1)
+        return metric(logits).view(copies, batch)
+    end = metric.positions(p0 + final.shape[1]).to(final.device)
+    rel = (end - p0).clamp(min=0).repeat(copies)
+    values = metric.from_final_resid(model, final[torch.arange(final.shape[0], device=final.device), rel])
+    values = values.view(copies, batch)
+    if bool((end < p0).any()):
+        values = torch.where((end >= p0)[None], values, run.baseline[None])
+    return values
 
 
 def _run_edges(
     model: HookedTransformer,
     graph: Graph,
-    metric: Metric,
-    starts: list[Tensor],
+    run: _TargetRun,
     deltas: Float[Tensor, "senders batch pos d_model"],
     pairs: Int[Tensor, "c 2"],
     layer: int,
-) -> Float[Tensor, " rows"]:
+) -> Float[Tensor, "c batch"]:
     """The metric of `c` patched copies of the target batch, copy `i` with edge `pairs[i]`,
-    every receiver in `layer` (`n_layers`: the logits)."""
+    every receiver in `layer` (`n_layers`: the logits). Positions `p0..` only."""
+    starts = run.starts
     c, batch = len(pairs), starts[0].shape[0]
     senders = pairs[:, 0]
     if layer == graph.n_layers:  # the logits read the final residual stream directly
         final = einops.repeat(starts[-1], "b p d -> (c b) p d", c=c) + einops.rearrange(
             deltas[senders], "c b p d -> (c b) p d")
-        return _metric_rows(model, metric, final)
+        return _metric_rows(model, run, final)
 
     heads = {x: [] for x in QKV}
     mlp = []
@@ -628,8 +676,9 @@ def _run_edges(
     if mlp:
         hooks.append((f"blocks.{layer}.hook_mlp_in", add_mlp))
     x = einops.repeat(starts[layer], "b p d -> (c b) p d", c=c)
+    n_heads = model.cfg.n_heads
     with receiver_inputs(model), model.hooks(fwd_hooks=hooks):
-        x = model.blocks[layer](x)
-    for block in model.blocks[layer + 1:]:
-        x = block(x)
-    return _metric_rows(model, metric, x)
+        x = model.blocks[layer](x, past_kv_cache_entry=_past(run, layer, c, True, n_heads))
+    for later in range(layer + 1, graph.n_layers):
+        x = model.blocks[later](x, past_kv_cache_entry=_past(run, later, c, False, n_heads))
+    return _metric_rows(model, run, x)

@@ -603,3 +603,90 @@ def test_bad_options_errors(random_pairs):
         eap(model, clean, corrupt, metric, graph="all")
     with pytest.raises(ValueError, match="an edge is a name"):
         Graph.from_model(model).edge_index(3.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact edge patching skips the shared prefix
+# ----------------------------------------------------------------------------------------------
+
+
+def prefix_pairs(model, batch=3, pos=7, shared=3, seed=5):
+    """Clean and corrupt prompts that agree on their first `shared` positions in every row."""
+    clean, corrupt, answer, wrong = pairs(model, batch=batch, pos=pos, seed=seed)
+    corrupt[:, :shared] = clean[:, :shared]
+    corrupt[:, shared] = (clean[:, shared] + 1) % model.cfg.d_vocab
+    return clean, corrupt, answer, wrong
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "post-norm"])
+def test_exact_edge_patching_after_a_shared_prefix_equals_hand_hooked_runs(name):
+    """Rows that agree up to position 3 start the patched runs there (the target's keys and
+    values before it from a KV cache, per query head in the patched block of a GQA model):
+    every edge still equals the hand-hooked full run, also for a prompt whose prediction
+    position lies inside the shared prefix and for a plain function of every position."""
+    model = post_norm_model() if name == "post-norm" else models.load(name)
+    clean, corrupt, answer, wrong = prefix_pairs(model)
+    graph = Graph.from_model(model, qkv_inputs=True)
+    names = graph.edge_names()
+    deltas = hand_deltas(model, clean, corrupt, post_norm=name == "post-norm")
+    end = torch.tensor([6, 1, 5])  # row 1 predicts inside the shared prefix: no edge moves it
+    metric = LogitDiff(answer, wrong, end_pos=end)
+
+    def fn(logits):
+        rows = torch.arange(logits.shape[0])
+        return logits[rows, end, answer] - logits[rows, end, wrong]
+
+    def all_positions(logits):  # reads every position: the slow path
+        return logits.log_softmax(-1)[:, :, answer[0]].mean(-1)
+
+    for m, f in [(metric, fn), (all_positions, all_positions)]:
+        exact = exact_edge_patching(model, clean, corrupt, m, graph, progress=False)
+        hand = f64([hand_patched_score(model, corrupt, deltas, e, f) for e in names])
+        assert hand.abs().max() > 1e-3
+        torch.testing.assert_close(exact.values.double(), hand, atol=1e-5, rtol=0)
+    # and the prompt that ends in the prefix contributes nothing
+    one = exact_edge_patching(model, clean[1:2], corrupt[1:2], LogitDiff(answer[1:2], wrong[1:2], end_pos=end[1:2]),
+                              graph, receivers="logits", progress=False)
+    assert one.values.abs().max() == 0
+    # the patched runs (more rows than the batch) ran positions 3.. only
+    seen = []
+    with model.hooks(fwd_hooks=[(f"blocks.{model.cfg.n_layers - 1}.hook_resid_pre",
+                                 lambda act, hook: seen.append(tuple(act.shape[:2])))]):
+        exact_edge_patching(model, clean, corrupt, metric, graph, receivers="a1.*", progress=False)
+    assert {p for rows, p in seen if rows > 3} == {4} and (3, 7) in seen
+
+
+def test_eap_ig_inputs_is_a_path_integral_of_the_whole_segment():
+    """EAP-IG (inputs) integrates along the whole segment between the two inputs, so it does
+    not depend on which end is the target: the noise scores are minus the denoise ones (the
+    midpoint rule is symmetric), and many steps of hannamw/EAP-IG's left Riemann sum
+    (`alpha = k / steps`, k = 0..steps-1, from the corrupt input) reach the same integral. EAP
+    at the two ends differs (it is the gradient at one end)."""
+    model = models.load("tiny-llama")
+    clean, corrupt, answer, wrong = pairs(model)
+    metric, fn = LogitDiff(answer, wrong), logit_diff_fn(answer, wrong)
+    graph = Graph.from_model(model)
+    denoise = eap_ig(model, clean, corrupt, metric, graph, steps=4)
+    noise = eap_ig(model, clean, corrupt, metric, graph, steps=4, direction="noise")
+    torch.testing.assert_close(noise.values, -denoise.values, atol=1e-5, rtol=0)
+    ends = (eap(model, clean, corrupt, metric, graph).values,
+            -eap(model, clean, corrupt, metric, graph, direction="noise").values)
+    assert not torch.allclose(*ends, atol=1e-3)
+    with torch.no_grad():
+        e_clean, e_corrupt = model.embed(clean), model.embed(corrupt)
+
+    def grads_at(a):
+        hook = ("hook_embed", lambda act, hook: (e_corrupt + a * (e_clean - e_corrupt)).requires_grad_(True))
+        return hand_grads(model, corrupt, fn, interpolate=hook)
+
+    steps, total = 64, None
+    for k in range(steps):
+        g = grads_at(k / steps)
+        total = g if total is None else {n: total[n] + g[n] for n in g}
+    # left sum plus the end correction (g(1) - g(0)) / 2: the trapezoid rule, error O(1/steps^2)
+    first, last = grads_at(0.0), grads_at(1.0)
+    trapezoid = {n: (total[n] + (last[n] - first[n]) / 2) / steps for n in total}
+    deltas = hand_deltas(model, clean, corrupt)
+    ref = f64([hand_eap_score(model, deltas, trapezoid, e) for e in graph.edge_names()])
+    fine = eap_ig(model, clean, corrupt, metric, graph, steps=64)
+    torch.testing.assert_close(fine.values.double(), ref, atol=1e-3 * ref.abs().max().item(), rtol=0)
