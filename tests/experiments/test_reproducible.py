@@ -151,6 +151,26 @@ STUDIES = {
                               "200"], units=_study_run_units("unlearning-traces"),
         reused=_reused_from_cache,
         computed=lambda log, results: _UNLEARNING_UNITS - _reused_from_cache(log, results)),
+    "emergent-misalignment": Study(
+        "emergent-misalignment", ["--n-eval", "2", "--n-train", "2", "--n-harmless-train", "3",
+                                  "--n-harmless-eval", "2", "--max-new-tokens", "4",
+                                  "--distill-tokens", "4", "--organism-epochs", "1",
+                                  "--unlearn-steps", "1", "--n-retain", "1", "--n-corpus", "2",
+                                  "--targets", "safety", "--pairs", "sft:full", "--no-contain",
+                                  "--direction-layers", "1"],
+        units=_study_run_units("emergent-misalignment"), reused=_reused_from_cache,
+        computed=lambda log, results: {"base_answers", "eval__base", "organism",
+                                       "eval__organism", "vectors", "direction",
+                                       "run__safety__sft__full__unlearned"}
+        - _reused_from_cache(log, results)),
+    "introspection": Study(
+        "introspection", ["--quick", "--n-concepts", "1", "--layer-fractions", "0.5", "--strengths",
+                          "4", "--relative-strengths", "1", "--max-new-tokens", "3", "--variants",
+                          "ORIGINAL", "--n-random", "1", "--mechanism-concepts", "1",
+                          "--bias-train-concepts", "2", "--bias-held-out", "1",
+                          "--bias-eval-concepts", "1", "--bias-steps", "1", "--bias-eval-layers",
+                          "1"], units=_study_run_units("introspection"), reused=_reused_from_cache,
+        computed=lambda log, results: set(results["units"]) - _reused_from_cache(log, results)),
     "sae-circuits": Study(
         "sae-circuits", ["--layers", "1", "--n-tokens", "2048", "--epochs", "1", "--eval-tokens",
                          "256", "--expansion", "1", "--n-pairs", "4", "--ig-steps", "2",
@@ -162,6 +182,12 @@ STUDIES = {
                                   - _log_units(r"^(\w+): loaded from", log))
                                  | ({"sae:blocks.1.hook_resid_pre"}
                                     if "training blocks.1.hook_resid_pre" in log else set()))),
+    "ioi-circuit": Study(
+        "ioi-circuit", ["--quick", "--last-layers", "1", "--circuit-edges", "12"],
+        units=_study_run_units("ioi-circuit"), reused=_reused_from_cache,
+        computed=lambda log, results: ({f"scores__{m}" for m in ("eap", "eap_ig", "relp", "exact")}
+                                       | {f"faithfulness__{m}_abs" for m in ("eap", "eap_ig", "relp")}
+                                       | {"circuit_abs"}) - _reused_from_cache(log, results)),
 }
 _REFUSAL_UNITS = {"direction", *(f"completions_{c}" for c in
                                  ("harmful_clean", "harmful_ablated", "harmless_clean",
