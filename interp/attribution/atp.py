@@ -38,7 +38,7 @@ from transformer_lens import HookedTransformer
 
 from interp.attribution.metrics import Metric, MetricLike
 from interp.attribution.patching import Direction, check_pairs, targets
-from interp.attribution.sites import FamilySpec, Scores, default_labels, families
+from interp.attribution.sites import FamilySpec, Scores, default_labels, families, site_config
 
 
 def attribution_patching(
@@ -77,7 +77,8 @@ def attribution_patching(
         deltas = {n: source_cache[n] - target_acts[n] for n in names}
         return site_values(model, fams, deltas, grads, per_prompt), baseline
 
-    values, baseline = in_prompt_chunks(run, target, source, metric, batch_size, per_prompt)
+    with site_config(model, fams):  # split q/k/v input sites fire only with their flags on
+        values, baseline = in_prompt_chunks(run, target, source, metric, batch_size, per_prompt)
     return make_scores(model, fams, values, target, baseline, method, per_prompt)
 
 

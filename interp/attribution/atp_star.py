@@ -18,9 +18,48 @@ and linearises only from the pattern on, with `g = d metric / d pattern`:
 - value: linear already, `d metric / d z . (A dv)`.
 
 A head's AtP* score is the sum of these three parts (over all positions for the `heads` family;
-for `heads_by_pos`, the parts that reach query position t). Every other family (residual stream,
-attention and MLP outputs, neurons) has no attention softmax of its own between the site and
-its output, so its AtP* score is its AtP score; the paper's fix is for attention nodes.
+for `heads_by_pos`, the parts that reach query position t). Attention and MLP outputs and neurons
+have no attention softmax of their own between the site and its output, so their AtP* score is
+their AtP score; for the residual stream and the query/key/value inputs see below.
+
+**Query, key and value inputs** (`q_input`, `k_input`, `v_input`, each per head over all
+positions, and their `_by_pos` variants; see `sites.py`) are the nodes the fix was made for. A
+head's query input at every position patched changes every row of its pattern with its own
+softmax (`A' = softmax(q' . K)`, rows independent); its key input at every position patched
+changes the whole score matrix at once (`A' = softmax(Q . K'^T)`, one softmax: not the sum of
+the one-key patches); one key position s patched is the key part above, scored at s; one value
+position s: `sum_t d metric / d z_t . A[t, s] (v'_s - v_s)`. The patched queries, keys and
+values are the source run's (the inputs are before the layer's norm, so `q'`, `k'`, `v'` are
+exact through the norm, the projection and the rotation); only the step from the pattern (or
+the values) to the metric is linear. AtP on the same families linearises at the input instead,
+through the norm and the softmax.
+
+**Residual-stream sites** (`resid`, the stream entering layer L at position p) read into the
+attention patterns of every later layer. AtP linearises those reads; AtP* here recomputes the
+patterns of `qk_layers` layers L, L+1, ... (default: every later layer) exactly and
+linearises from the pattern on, as for query and key nodes. The gradient at the site splits exactly into a part through the query and
+key inputs of layer L+j that the change reaches along the residual stream itself (with
+`use_split_qkv_input`: `sum_h d metric / d q_input[L+j, h, p] + d metric / d k_input[L+j, h, p]`,
+since the stream carries the change to every later layer unchanged) and everything else. For
+each of those layers the linear term `delta . (that gradient)` is replaced by
+`sum g[L+j] . (A'' - A)`, with `A''` the pattern of layer L+j when its stream at position p is
+`resid[L+j, p] + delta` (query row p and key column p change together, exactly through the
+norm and the rotation; the changes that blocks L..L+j-1 add on the way are left to the linear
+part). With `qk_layers=1` only layer L's own pattern is recomputed, and it is then exact: the
+stream entering layer L at p *is* the source's. This is `resid_through="pattern"`.
+
+`resid_through="head_output"` (the default) goes one step further in each layer: it computes
+each head's output `z''` exactly for the query, key *and* value change at p together and
+linearises from z on (replacing the linear term through the query, key and value inputs). That
+keeps the pattern x value interaction that the pattern-only fix drops, the term that dominates
+for heads whose pattern and values both move when a name changes (see the `heads` note below);
+it is no longer the paper's QK fix but the same idea one step later.
+
+Cost, beyond AtP's two forward and one backward passes: the backward pass runs on split inputs
+(every head's own copy of the stream); per site layer L and corrected layer l, one attention
+call on the shifted stream and a softmax over `pos^3` entries per head and prompt (each site
+position's own pattern), so `qk_layers=None` does `n_layers (n_layers + 1) / 2` of them. Measured
+in forward-pass units by `benchmarks/atp_star_agreement.py`.
 
 Note the difference from AtP on the head output `z`: AtP there multiplies the *exact* change of
 z (which already contains the exact softmax) by the gradient at z, i.e. it treats the query,
@@ -46,18 +85,19 @@ rotary); it raises otherwise. Attention sinks and ALiBi are not supported by the
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Literal, Sequence, Union
 
 import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache, HookedTransformer
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 from interp.attribution.atp import prepare
 from interp.attribution.metrics import MetricLike
 from interp.attribution.patching import Direction
-from interp.attribution.sites import FamilySpec, Scores, default_labels
+from interp.attribution.sites import FAMILIES, FamilySpec, Scores, default_labels, qkv_input_of, site_config
 
 Activations = Union[ActivationCache, dict[str, Tensor]]  # hook name -> activation
 
@@ -73,8 +113,11 @@ def atp_star(
     direction: Direction = "denoise",
     grad_drop: bool = False,
     method: str | None = None,
+    qk_layers: int | None = None,
+    resid_through: Literal["pattern", "head_output"] = "head_output",
 ) -> dict[str, Scores]:
-    """AtP* scores per family: the QK fix for attention heads, AtP elsewhere, optional GradDrop.
+    """AtP* scores per family: the QK fix for attention heads, their query/key/value inputs and
+    the residual stream, AtP elsewhere, optional GradDrop.
 
     Args:
         model, clean_tokens, corrupt_tokens, metric, site_families, direction: as in
@@ -82,14 +125,49 @@ def atp_star(
         grad_drop: also apply GradDrop; the scores are then magnitudes (see the module notes).
         method: the name recorded in the returned `Scores` (default `atp_star`, or
             `atp_star_graddrop` with `grad_drop`).
+        qk_layers: for `resid` sites, how many attention layers from the site's own on are
+            recomputed exactly (module notes); 0 gives AtP's resid scores, None (default) every
+            later layer.
+        resid_through: what the resid fix computes exactly in each of those layers before it
+            linearises: `"pattern"` (the paper's QK fix: the pattern, for the query and key
+            change) or `"head_output"` (each head's output z, for the query, key *and* value
+            change together, which keeps the pattern x value interaction; module notes;
+            default: on IOI it is the variant that tracks exact patching of the residual
+            stream, see the README).
     """
     method = method or ("atp_star_graddrop" if grad_drop else "atp_star")
     target, source, fams, names, metric = prepare(model, clean_tokens, corrupt_tokens, metric,
                                                   site_families, direction)
-    layers = range(model.cfg.n_layers)
-    heads_needed = any(f.name in HEAD_FAMILIES for f in fams)
+    n_layers = model.cfg.n_layers
+    layers = range(n_layers)
+    if qk_layers is not None and (isinstance(qk_layers, bool) or qk_layers < 0):
+        raise ValueError(f"qk_layers must be a number of layers >= 0 (or None: all later "
+                         f"layers), got {qk_layers!r}")
+    depth = n_layers if qk_layers is None else min(qk_layers, n_layers)
+    if resid_through not in ("pattern", "head_output"):
+        raise ValueError(f"resid_through must be 'pattern' or 'head_output', got {resid_through!r}")
+    resid_fix = depth > 0 and any(f.name == "resid" for f in fams)
+    heads_needed = resid_fix or any(f.name in HEAD_FAMILIES or qkv_input_of(f) for f in fams)
     attn_names = _attention_hooks(model) if heads_needed else {}
     attn_all = [attn_names[k].format(L=layer) for layer in layers for k in attn_names]
+    # the resid fix needs the gradients at the split query/key inputs of every layer
+    letters = "qk" if resid_through == "pattern" else "qkv"
+    split = [FAMILIES[f"{x}_input"] for x in letters] if resid_fix else []
+    split_names = [f.hook_name(layer) for f in split for layer in layers]
+    with site_config(model, [*fams, *split]):
+        return _atp_star(model, target, source, fams, names, metric, grad_drop, method,
+                         (depth, resid_through) if resid_fix else None, attn_names, attn_all,
+                         split_names)
+
+
+def _atp_star(model, target, source, fams, names, metric, grad_drop, method, resid_fix,
+              attn_names, attn_all, split_names) -> dict[str, Scores]:
+    """`atp_star` inside `site_config` (the split inputs' flags on where needed)."""
+    n_layers = model.cfg.n_layers
+    layers = range(n_layers)
+    heads_needed = bool(attn_names)
+    if resid_fix:
+        names = sorted({*names, *[f"blocks.{layer}.hook_resid_pre" for layer in layers]})
 
     with torch.no_grad():
         _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in {*names, *attn_all})
@@ -109,15 +187,18 @@ def atp_star(
         for layer in layers:
             for name in (f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"):
                 gates.append((name, lambda act, hook, layer=layer: gate(act, hook, layer)))
-    keep_names = sorted({*names, *attn_all})
+    keep_names = sorted({*names, *attn_all, *split_names})
     embed = model.embed.W_E
     was = embed.requires_grad
-    with torch.enable_grad(), model.hooks(fwd_hooks=[*[(n, keep) for n in keep_names], *gates]):
+    with torch.enable_grad():
         embed.requires_grad_(True)  # the graph must exist even if the caller froze parameters
         try:
-            value = metric.on_model(model, target).mean()
-            grad_inputs = sorted({*names, *[attn_names[k].format(L=layer) for layer in layers
-                                            for k in ("pattern", "z")]} if heads_needed else names)
+            with model.hooks(fwd_hooks=[*[(n, keep) for n in keep_names], *gates]):
+                value = metric.on_model(model, target).mean()
+            # the capture hooks are off from here: the resid fix runs attention modules again
+            grad_inputs = sorted({*names, *split_names, *[attn_names[k].format(L=layer)
+                                                          for layer in layers for k in ("pattern", "z")]}
+                                 if heads_needed else names)
             settings = [None] if not grad_drop else list(layers)
             per_setting = []
             for setting in settings:
@@ -126,12 +207,12 @@ def atp_star(
                                             retain_graph=True, allow_unused=True)
                 grad_of = {n: (g if g is not None else torch.zeros_like(captured[n])).detach()
                            for n, g in zip(grad_inputs, grads)}
-                per_setting.append(_estimates(model, fams, captured, source_cache, grad_of, attn_names))
+                per_setting.append(_estimates(model, fams, captured, source_cache, grad_of, attn_names,
+                                              resid_fix))
         finally:
             embed.requires_grad_(was)
 
     if grad_drop:
-        n_layers = model.cfg.n_layers
         values = {f: sum(est[f].abs() for est in per_setting) / max(n_layers - 1, 1)
                   for f in per_setting[0]}
     else:
@@ -182,14 +263,17 @@ def _estimates(
     source: Activations,
     grads: Activations,
     attn_names: dict[str, str],
+    resid_fix: tuple[int, str] | None = None,
 ) -> dict[str, Float[Tensor, "layer ..."]]:
-    """Per family, `[n_layers, *site axes]` estimates from one set of gradients."""
+    """Per family, `[n_layers, *site axes]` estimates from one set of gradients (`resid_fix`:
+    the resid fix's `(qk_layers, resid_through)`, None for none)."""
     out = {}
     for fam in fams:
         per_layer = []
+        kind = qkv_input_of(fam)
         for layer in fam.layer_list(model):
+            names = {k: v.format(L=layer) for k, v in attn_names.items()}
             if fam.name in HEAD_FAMILIES:
-                names = {k: v.format(L=layer) for k, v in attn_names.items()}
                 parts = qk_fixed_head_effects(
                     model.blocks[layer].attn,
                     {k: target[n].detach() for k, n in names.items()},
@@ -198,12 +282,187 @@ def _estimates(
                 )
                 per_pos = parts.sum(0)  # query_pos head
                 per_layer.append(per_pos.sum(0) if fam.name == "heads" else per_pos)
+            elif kind is not None:
+                effects = qkv_input_effects(
+                    model.blocks[layer].attn,
+                    {k: target[n].detach() for k, n in names.items()},
+                    {k: source[names[k]] for k in ("q", "k", "v")},
+                    grads[names["pattern"]], grads[names["z"]],
+                    kind, by_pos="pos" in fam.axes,
+                )
+                per_layer.append(effects)
             else:
                 name = fam.hook_name(layer)
                 contrib = (source[name] - target[name].detach()) * grads[name]
-                per_layer.append(einops.reduce(contrib.float(), fam.reduce_pattern, "sum"))
+                est = einops.reduce(contrib.float(), fam.reduce_pattern, "sum")
+                if fam.name == "resid" and resid_fix is not None:
+                    est = est + resid_qk_correction(model, layer, resid_fix[0], target, source,
+                                                    grads, attn_names, resid_fix[1])
+                per_layer.append(est)
         out[fam.name] = torch.stack(per_layer)
     return out
+
+
+def resid_qk_correction(
+    model: HookedTransformer,
+    layer: int,
+    depth: int,
+    target: Activations,
+    source: Activations,
+    grads: Activations,
+    attn_names: dict[str, str],
+    through: str = "pattern",
+) -> Float[Tensor, " pos"]:
+    """What AtP* adds to AtP's estimate of each residual-stream site `(layer, p)`: for each
+    layer `l` of `layer .. layer + depth - 1`, the linear term through l's query and key inputs
+    (`through="pattern"`; query, key and value inputs for `"head_output"`) replaced by the
+    exact change, linearised from there on (module notes), summed over the batch:
+
+        pattern:     sum_l [ g_l . (A''_l(p) - A_l)  -  delta_p . sum_h sum_{x=q,k} dm/dx_input[l, h, p] ]
+        head_output: sum_l [ dm/dz_l . (z''_l(p) - z_l)  -  delta_p . sum_h sum_{x=q,k,v} dm/dx_input[l, h, p] ]
+
+    with `delta = resid_pre[layer]^source - resid_pre[layer]^target`, and `A''_l(p)`, `z''_l(p)`
+    the pattern and head outputs of layer `l` when its stream at position p is
+    `resid_pre[l, p] + delta_p` (its query, key and value there recomputed by the attention
+    module itself, through the norm and rotation).
+
+    Needs, in `target`: each layer's `resid_pre`, final q/k, v, masked scores and pattern; in
+    `grads`: each layer's pattern (or z) and split input gradients (`site_config` on).
+    """
+    resid = f"blocks.{layer}.hook_resid_pre"
+    delta = (source[resid] - target[resid].detach()).float()  # batch pos d_model
+    total = torch.zeros(delta.shape[1], device=delta.device)
+    letters = "qk" if through == "pattern" else "qkv"
+    for later in range(layer, min(layer + depth, model.cfg.n_layers)):
+        names = {k: v.format(L=later) for k, v in attn_names.items()}
+        stream = target[f"blocks.{later}.hook_resid_pre"].detach()
+        new = final_qkv(model, later, stream + delta.to(stream.dtype), attn_names)
+        old = {k: target[names[k]].detach() for k in ("q", "k", "v", "scores", "pattern")}
+        exact_term = joint_site_effects(
+            model.blocks[later].attn, old, new, grads[names["pattern"]],
+            grads[names["z"]] if through == "head_output" else None,
+        )
+        linear = sum(einops.reduce(grads[f"blocks.{later}.hook_{x}_input"].float(),
+                                   "b p h d -> b p d", "sum") for x in letters)
+        linear_term = einops.reduce(delta * linear, "b p d -> p", "sum")
+        total = total + exact_term - linear_term
+    return total
+
+
+def final_qkv(
+    model: HookedTransformer,
+    layer: int,
+    stream: Float[Tensor, "batch pos d_model"],
+    attn_names: dict[str, str],
+) -> dict[str, Tensor]:
+    """The final (rotated where rotary) queries and keys, and the values, that layer `layer`
+    computes from the residual stream `stream` entering it: its norm and attention module run
+    on `stream` as the block runs them (split into per-head copies when `use_split_qkv_input`
+    is on), read at the module's own hook points. Per position: position p's query, key and
+    value depend on `stream[:, p]` only."""
+    cfg = model.cfg
+    block = model.blocks[layer]
+    if cfg.original_architecture in POST_NORM_ARCHITECTURES or cfg.positional_embedding_type == "shortformer":
+        raise NotImplementedError("the AtP* residual QK fix supports pre-norm blocks without "
+                                  "shortformer position embeddings")
+    inputs = [stream] * 3
+    if cfg.use_split_qkv_input:
+        kv_heads = (cfg.n_key_value_heads if cfg.n_key_value_heads is not None
+                    and not cfg.ungroup_grouped_query_attention else cfg.n_heads)
+        inputs = [einops.repeat(stream, "b p d -> b p h d", h=h)
+                  for h in (cfg.n_heads, kv_heads, kv_heads)]
+    kept: dict[str, Tensor] = {}
+    names = {k: attn_names[k].format(L=layer) for k in ("q", "k", "v")}
+
+    def keep(act: Tensor, hook) -> None:
+        kept[hook.name] = act
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names.values()]):
+        block.attn(query_input=block.ln1(inputs[0]), key_input=block.ln1(inputs[1]),
+                   value_input=block.ln1(inputs[2]))
+    return {k: kept[n] for k, n in names.items()}
+
+
+def joint_site_effects(
+    attn: torch.nn.Module,
+    old: dict[str, Tensor],
+    new: dict[str, Tensor],
+    grad_pattern: Float[Tensor, "batch head pos key_pos"],
+    grad_z: Float[Tensor, "batch pos head d_head"] | None = None,
+) -> Float[Tensor, " pos"]:
+    """For each position p, the linearised effect of the query, key (and value) at position p
+    taking their `new` values together, summed over heads and the batch.
+
+    `A'(p)` is the pattern with row p from `q'_p . k_s` (`q'_p . k'_p` at s = p) and column p of
+    the other rows from `q_t . k'_p`, one softmax per row. Without `grad_z` the result is
+    `sum g . (A'(p) - A)`; with it, `sum dm/dz . (z'(p) - z)` with `z'(p)_t = sum_s A'(p)[t, s]
+    v_s` and `v'_p` in place of `v_p`. `old`: the target's `q`, `k`, `v`, masked `scores` and
+    `pattern`; `new`: `q`, `k`, `v`. All positions at once: memory `pos^3` per head and prompt."""
+    s, a = old["scores"].float(), old["pattern"].float()
+    valid = torch.isfinite(s)
+    s_q = attn.calculate_attention_scores(new["q"], old["k"]).float()  # row p with the new query
+    s_k = attn.calculate_attention_scores(old["q"], new["k"]).float()  # column p with the new key
+    s_qk = attn.calculate_attention_scores(new["q"], new["k"]).float()  # both, at (p, p)
+    n = s.shape[-1]
+    eye = torch.eye(n, dtype=torch.bool, device=s.device)
+    row = eye.view(n, n, 1)  # [site p, query t, key s]: t == p
+    col = eye.view(n, 1, n)  # s == p
+    expand = lambda x: x.unsqueeze(2)  # noqa: E731  batch head 1 t s
+    scores = torch.where(row, torch.where(col, expand(s_qk), expand(s_q)),
+                         torch.where(col, expand(s_k), expand(s)))  # batch head p t s
+    pattern = torch.softmax(scores.masked_fill(~expand(valid), float("-inf")), dim=-1).nan_to_num()
+    if grad_z is None:
+        return einops.einsum(pattern - expand(a), grad_pattern.float(), "b h p t s, b h t s -> p")
+    repeat = a.shape[1] // old["v"].shape[2]
+    v = torch.repeat_interleave(old["v"].float(), repeat, dim=2)  # b s h d
+    dv = torch.repeat_interleave((new["v"] - old["v"]).float(), repeat, dim=2)  # b p h d
+    z_old = einops.einsum(a, v, "b h t s, b s h d -> b t h d")
+    # z'(p)_t = sum_s A'(p)[t, s] v_s + A'(p)[t, p] (v'_p - v_p)
+    z_new = einops.einsum(pattern, v, "b h p t s, b s h d -> b p t h d")
+    diag = torch.diagonal(pattern, dim1=2, dim2=4)  # b h t p: A'(p)[t, p]
+    z_new = z_new + einops.einsum(diag, dv, "b h t p, b p h d -> b p t h d")
+    return einops.einsum(z_new - z_old.unsqueeze(1), grad_z.float(), "b p t h d, b t h d -> p")
+
+
+def qkv_input_effects(
+    attn: torch.nn.Module,
+    target: dict[str, Tensor],
+    source: dict[str, Tensor],
+    grad_pattern: Float[Tensor, "batch head query_pos key_pos"],
+    grad_z: Float[Tensor, "batch query_pos head d_head"],
+    kind: str,
+    by_pos: bool,
+) -> Float[Tensor, "*pos head"]:
+    """AtP* estimates for a head's query, key or value input (`kind` `"q"`, `"k"`, `"v"`),
+    summed over the batch: `[head]` for the input at every position patched at once, `[pos,
+    head]` (`by_pos`) for one position (a query position for `q`; the key or value position
+    for `k` and `v`). `target`/`source` as in `qk_fixed_head_effects` (keys and values per
+    query head or per key/value head, as the module computes them now)."""
+    scores, pattern = target["scores"].float(), target["pattern"].float()
+    g = grad_pattern.float()
+    valid = torch.isfinite(scores)
+    if kind == "q":  # rows are independent: all positions at once is the sum over positions
+        patched = attn.calculate_attention_scores(source["q"], target["k"]).float()
+        change = torch.softmax(patched.masked_fill(~valid, float("-inf")), dim=-1) - pattern
+        per_pos = einops.einsum(change.nan_to_num(), g, "b h t s, b h t s -> t h")
+        return per_pos if by_pos else per_pos.sum(0)
+    if kind == "k" and not by_pos:  # every key at once: one softmax of the whole new matrix
+        patched = attn.calculate_attention_scores(target["q"], source["k"]).float()
+        change = torch.softmax(patched.masked_fill(~valid, float("-inf")), dim=-1) - pattern
+        return einops.einsum(change.nan_to_num(), g, "b h t s, b h t s -> h")
+    if kind == "k":  # key at position p alone: column p of every row
+        patched = attn.calculate_attention_scores(target["q"], source["k"]).float()
+        n = scores.shape[-1]
+        col = torch.eye(n, dtype=torch.bool, device=scores.device).view(n, 1, n)
+        new = torch.where(col, patched.unsqueeze(2), scores.unsqueeze(2))  # b h p t s
+        new = new.masked_fill(~valid.unsqueeze(2), float("-inf"))
+        change = (torch.softmax(new, dim=-1) - pattern.unsqueeze(2)).nan_to_num()
+        return einops.einsum(change, g, "b h p t s, b h t s -> p h")
+    # values: linear through the pattern, dm/dz_t . A[t, s] (v'_s - v_s)
+    repeat = pattern.shape[1] // target["v"].shape[2]
+    dv = torch.repeat_interleave((source["v"] - target["v"]).float(), repeat, dim=2)
+    per_pos = einops.einsum(pattern, dv, grad_z.float(), "b h t s, b s h d, b t h d -> s h")
+    return per_pos if by_pos else per_pos.sum(0)
 
 
 def qk_fixed_head_effects(

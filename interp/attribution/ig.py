@@ -34,7 +34,7 @@ from transformer_lens import HookedTransformer
 from interp.attribution.atp import activation_grads, in_prompt_chunks, make_scores, prepare, site_values
 from interp.attribution.metrics import Metric, MetricLike
 from interp.attribution.patching import Direction
-from interp.attribution.sites import FamilySpec, Scores
+from interp.attribution.sites import FamilySpec, Scores, site_config
 
 EMBED_HOOKS = ("hook_embed", "hook_pos_embed")
 
@@ -73,7 +73,8 @@ def integrated_gradients(
     def run(target: Tensor, source: Tensor, metric: Metric) -> tuple[dict[str, Tensor], float]:
         return along(model, target, source, metric, fams, names, steps)
 
-    values, baseline = in_prompt_chunks(run, target, source, metric, batch_size)
+    with site_config(model, fams):  # split q/k/v input sites fire only with their flags on
+        values, baseline = in_prompt_chunks(run, target, source, metric, batch_size)
     return make_scores(model, fams, values, target, baseline, method)
 
 

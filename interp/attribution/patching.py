@@ -59,7 +59,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from transformer_lens.hook_points import HookPoint
 
 from interp.attribution.metrics import Metric, MetricLike, as_metric, final_logits
-from interp.attribution.sites import FamilySpec, Scores, SiteFamily, default_labels, families
+from interp.attribution.sites import FamilySpec, Scores, SiteFamily, default_labels, families, site_config
 from interp.layout import inference_layout
 
 Direction = Literal["denoise", "noise"]
@@ -146,7 +146,9 @@ def exact_patching(
     fams = families(site_families)
     batch, n_pos = target.shape
     weights = weights_digest(model) if checkpoint is not None else None  # once, for all families
-    with torch.no_grad(), inference_layout(model):  # spares TransformerLens's per-call weight copies
+    # inference_layout spares TransformerLens's per-call weight copies; site_config turns on
+    # the flags that split q/k/v input sites need (sites.site_config)
+    with torch.no_grad(), inference_layout(model), site_config(model, fams):
         run = _target_run(model, target, metric)
         names = {f.hook_name(layer) for f in fams for layer in f.layer_list(model)}
         _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
@@ -214,6 +216,10 @@ def _target_run(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], metr
     batch, n_pos = tokens.shape
     x = model(tokens, stop_at_layer=0)  # embeddings (and position embeddings) only
     kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch).entries
+    if model.cfg.n_key_value_heads is not None and model.cfg.ungroup_grouped_query_attention:
+        for entry in kv:  # ungrouped (sites.site_config): keys and values per query head
+            empty = entry.past_keys.new_empty(batch, 0, model.cfg.n_heads, model.cfg.d_head)
+            entry.past_keys, entry.past_values = empty, empty.clone()
     starts = [x]
     for block, entry in zip(model.blocks, kv):
         x = block(x, past_kv_cache_entry=entry)

@@ -11,6 +11,24 @@ activation is split into sites:
 | `heads`        | `blocks.L.attn.hook_z`      | layer, head          | head output z, all positions    |
 | `heads_by_pos` | `blocks.L.attn.hook_z`      | layer, pos, head     | head output z at one position   |
 | `neurons`      | `blocks.L.mlp.hook_post`    | layer, neuron        | one MLP neuron, all positions   |
+| `q_input`      | `blocks.L.hook_q_input`     | layer, head          | a head's query input, all pos.  |
+| `k_input`      | `blocks.L.hook_k_input`     | layer, head          | a head's key input, all pos.    |
+| `v_input`      | `blocks.L.hook_v_input`     | layer, head          | a head's value input, all pos.  |
+| `q_input_by_pos` (`k_`, `v_`) | as above     | layer, pos, head     | that input at one position      |
+
+**Query, key and value inputs.** TransformerLens's `use_split_qkv_input` gives every head its
+own copy of the residual stream for its queries, keys and values (`[batch, pos, head,
+d_model]`, before the layer's norm); patching one copy changes only that head's queries (or
+keys, or values), which is what AtP* scores (Kramar et al. 2024). The hooks fire only with that
+flag on, so every method runs these families inside `site_config(model, fams)`, which turns it
+on (and restores it). Grouped-query attention (SmolLM2: 9 query heads share 3 key/value heads;
+Gemma 3 too): the key and value inputs are indexed by *query* head. Inside `site_config` the
+model also runs with `ungroup_grouped_query_attention`, which computes each query head's keys
+and values from its own input copy with the shared weights (the same numbers as the grouped
+computation); patching head h's key input changes the keys that head h reads and leaves the
+other heads of its group reading the target's keys. A key/value head's own effect (all heads of
+its group patched together) is not a site here; it is not the sum of its query heads' effects
+unless the effects are additive.
 
 Every method (exact patching, AtP, AtP*, integrated gradients, RelP) takes family names, the
 same clean/corrupt token batches and the same metric, and returns `Scores`: values with named
@@ -26,8 +44,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 from jaxtyping import Float
@@ -40,7 +59,8 @@ class SiteFamily:
     """A hook point per layer and the axes of its activation that index sites.
 
     Attributes:
-        name: short name (`resid`, `attn`, `mlp`, `heads`, `heads_by_pos`, `neurons`).
+        name: short name (`resid`, `attn`, `mlp`, `heads`, `heads_by_pos`, `neurons`,
+            `q_input`, `k_input`, `v_input` and their `_by_pos` variants).
         hook: hook-name template with `{L}` for the layer.
         axes: the site axes after `layer`, e.g. `("pos",)` or `("head",)`.
         act_axes: the axes of the activation at the hook, batch first; site axes are among them,
@@ -90,8 +110,47 @@ FAMILIES: dict[str, SiteFamily] = {
         SiteFamily("heads_by_pos", "blocks.{L}.attn.hook_z", ("pos", "head"),
                    ("batch", "pos", "head", "d_head")),
         SiteFamily("neurons", "blocks.{L}.mlp.hook_post", ("neuron",), ("batch", "pos", "neuron")),
+        *[SiteFamily(f"{x}_input", f"blocks.{{L}}.hook_{x}_input", ("head",),
+                     ("batch", "pos", "head", "d_model")) for x in "qkv"],
+        *[SiteFamily(f"{x}_input_by_pos", f"blocks.{{L}}.hook_{x}_input", ("pos", "head"),
+                     ("batch", "pos", "head", "d_model")) for x in "qkv"],
     ]
 }
+
+#: Hook-name endings of the split query/key/value inputs (they fire only under `site_config`).
+QKV_INPUT_HOOKS = ("hook_q_input", "hook_k_input", "hook_v_input")
+
+
+def qkv_input_of(fam: SiteFamily) -> str | None:
+    """`"q"`, `"k"` or `"v"` for a family on a head's split query/key/value input, else None."""
+    for x, suffix in zip("qkv", QKV_INPUT_HOOKS):
+        if fam.hook.endswith(suffix):
+            return x
+    return None
+
+
+@contextmanager
+def site_config(model: HookedTransformer, fams: Sequence[SiteFamily]) -> Iterator[HookedTransformer]:
+    """Within the context the model's hooks for `fams` fire: for families on split query, key or
+    value inputs (`qkv_input_of`) `use_split_qkv_input` is on, and under grouped-query attention
+    `ungroup_grouped_query_attention` too (key/value inputs per query head; see the module
+    notes). Other families change nothing. The flags are restored on exit; the forward values
+    equal the plain model's up to floating-point rounding."""
+    cfg = model.cfg
+    if not any(qkv_input_of(f) for f in fams):
+        yield model
+        return
+    flags = {"use_split_qkv_input": True}
+    if cfg.n_key_value_heads is not None:
+        flags["ungroup_grouped_query_attention"] = True
+    saved = {k: getattr(cfg, k) for k in flags}
+    try:
+        for k, v in flags.items():
+            setattr(cfg, k, v)
+        yield model
+    finally:
+        for k, v in saved.items():
+            setattr(cfg, k, v)
 
 
 def family(name: str | SiteFamily) -> SiteFamily:

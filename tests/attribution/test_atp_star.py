@@ -83,9 +83,12 @@ def test_atp_star_is_atp_outside_heads_and_differs_on_heads(random_pairs):
     clean, corrupt, metric = random_pairs(model, batch=3, pos=7)
     atp = attribution_patching(model, clean, corrupt, metric, FAMILIES)
     star = atp_star(model, clean, corrupt, metric, FAMILIES)
-    for fam in ("resid", "attn", "mlp", "neurons"):
+    for fam in ("attn", "mlp", "neurons"):
         torch.testing.assert_close(star[fam].values, atp[fam].values, atol=1e-6, rtol=0)
-    for fam in ("heads", "heads_by_pos"):
+    # resid: the QK fix recomputes the next patterns (test_atp_star_qkv.py); qk_layers=0 is AtP
+    no_fix = atp_star(model, clean, corrupt, metric, ["resid"], qk_layers=0)
+    torch.testing.assert_close(no_fix["resid"].values, atp["resid"].values, atol=1e-6, rtol=0)
+    for fam in ("resid", "heads", "heads_by_pos"):
         assert star[fam].values.shape == atp[fam].values.shape
         assert not torch.allclose(star[fam].values, atp[fam].values, atol=1e-4)
     # heads_by_pos parts reach each query position; summed over positions they are the heads scores

@@ -1,5 +1,9 @@
 """`batch_size` for AtP, RelP and IG: prompts in chunks give the unchunked scores, and
-per-prompt AtP gives each prompt's own scores."""
+per-prompt AtP gives each prompt's own scores.
+
+Tolerances: the metric is a logit difference normalised by (clean - corrupt), which amplifies the
+float rounding of other batch shapes to ~1e-5 relative (one torch thread; two threads round
+differently)."""
 
 from __future__ import annotations
 
@@ -51,9 +55,12 @@ def test_chunks_of_one_and_two_equal_the_whole_batch(method):
         chunked = run(model, clean, corrupt, metric, batch_size=batch_size)
         for fam in FAMS:
             assert whole[fam].values.abs().max() > 1e-2, fam
-            torch.testing.assert_close(chunked[fam].values, whole[fam].values, atol=1e-5, rtol=1e-5,
+            torch.testing.assert_close(chunked[fam].values, whole[fam].values, atol=1e-4, rtol=1e-4,
                                        msg=lambda m, fam=fam, bs=batch_size: f"{method} {fam} bs={bs}: {m}")
-            assert chunked[fam].baseline == pytest.approx(whole[fam].baseline, abs=1e-6)
+            # the baseline is a normalised logit difference near 0 (the corrupt end): its
+            # division by (clean - corrupt) amplifies the float rounding of other batch shapes
+            # (measured up to 9e-6 with one torch thread)
+            assert chunked[fam].baseline == pytest.approx(whole[fam].baseline, abs=5e-5)
             assert chunked[fam].labels == whole[fam].labels
 
 
@@ -67,7 +74,7 @@ def test_chunks_with_a_full_vocabulary_metric():
     chunked = attribution_patching(model, clean, corrupt, metric, ["resid", "heads"], batch_size=2)
     for fam in ("resid", "heads"):
         assert whole[fam].values.abs().max() > 1e-3
-        torch.testing.assert_close(chunked[fam].values, whole[fam].values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(chunked[fam].values, whole[fam].values, atol=1e-4, rtol=1e-4)
 
 
 def test_per_prompt_atp_is_each_prompt_alone():
@@ -84,14 +91,16 @@ def test_per_prompt_atp_is_each_prompt_alone():
         s = per[fam]
         assert s.dims == ("layer", "prompt", *whole[fam].dims[1:])
         assert s.labels["prompt"] == ["0", "1", "2", "3", "4"]
-        torch.testing.assert_close(s.values.mean(1), whole[fam].values, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(per_chunked[fam].values, s.values, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s.values.mean(1), whole[fam].values, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(per_chunked[fam].values, s.values, atol=1e-4, rtol=1e-4)
         for b in range(5):
             n = int(lengths[b])
             alone = attribution_patching(model, clean[b:b + 1, :n], corrupt[b:b + 1, :n],
                                          metric.select([b]), [fam])[fam].values
             mine = s.values[:, b, :n] if fam == "resid" else s.values[:, b]
-            torch.testing.assert_close(mine, alone, atol=1e-5, rtol=1e-5)
+            # unpadded vs padded rows: other shapes, other float rounding, amplified by the
+            # normalisation (measured up to 6e-5 absolute with one torch thread)
+            torch.testing.assert_close(mine, alone, atol=2e-4, rtol=1e-3)
             if fam == "resid":  # padding positions never reach the prediction
                 assert torch.all(s.values[:, b, n:] == 0)
 

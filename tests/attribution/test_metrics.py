@@ -504,8 +504,9 @@ def test_atp_star_callable_equals_builtin():
         for fam in fams:
             assert builtin[fam].values.abs().max() > 1e-3, (case, fam)
             torch.testing.assert_close(plain[fam].values, builtin[fam].values, atol=1e-6, rtol=1e-6)
-        # the resid scores of AtP* are AtP's
-        torch.testing.assert_close(builtin["resid"].values,
+        # without the residual QK fix (qk_layers=0) the resid scores of AtP* are AtP's
+        no_fix = atp_star(model, clean, corrupt, metric, ["resid"], qk_layers=0)
+        torch.testing.assert_close(no_fix["resid"].values,
                                    _plain_atp(model, clean, corrupt, hand, ["resid"])["resid"].float(),
                                    atol=1e-5, rtol=1e-5)
 
