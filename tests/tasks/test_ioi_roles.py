@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interp.tasks import generate_ioi
-from interp.tasks import ioi_roles
+from interp.tasks import generate_ioi, ioi_roles
 from interp.tasks.ioi_roles import attention_evidence, head_roles
 
 
