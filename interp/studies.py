@@ -175,7 +175,7 @@ def options_parser(options_cls: type) -> Callable[[argparse.ArgumentParser], Non
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             kind, many = _argparse_type(hints[f.name])
-            text = meta.get("help", "")
+            text = meta.get("help", "").replace("%", "%%")  # argparse formats help with %
             if kind is bool:
                 if meta.get("negate"):
                     parser.add_argument(meta["negate"], dest=f.name, action="store_false",

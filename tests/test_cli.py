@@ -28,6 +28,15 @@ def test_demo_is_registered_and_has_the_common_options(capsys):
         assert option in out
 
 
+@pytest.mark.parametrize("name", sorted(studies.available()))
+def test_every_study_prints_its_help(name, capsys):
+    # argparse formats help strings with %, so a bare "70%" in an option's text broke --help
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", name, "--help"])
+    assert exit_.value.code == 0
+    assert "--seed" in capsys.readouterr().out
+
+
 def test_unknown_study_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["run", "no-such-study"])
