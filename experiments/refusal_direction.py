@@ -77,6 +77,8 @@ class Options:
     kl_threshold: float = option(0.1, "largest KL on harmless prompts under ablation")
     induce_threshold: float = option(0.0, "harmless refusal score under addition must exceed this")
     prune_last: float = option(0.2, "fraction of the last layers left out of selection")
+    all_scores: bool = option(False, "score every candidate (default: the KL of every one, "
+                                     "bypass and induce only where they can decide the choice)")
     generate: bool = option(True, "refusal scores only, no completions (much faster)",
                             negate="--no-generate")
     batch_size: int = option(32, "prompts per forward pass", minimum=1)
@@ -192,7 +194,8 @@ def run(config: StudyConfig, **options: Any) -> dict:
                 model, study, n_train=opts.n_train, n_val=opts.n_val, n_test=opts.n_test,
                 seed=config.seed, max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size,
                 generate=opts.generate, layers=opts.layers, kl_threshold=opts.kl_threshold,
-                induce_threshold=opts.induce_threshold, prune_last=opts.prune_last)
+                induce_threshold=opts.induce_threshold, prune_last=opts.prune_last,
+                all_scores=opts.all_scores)
         scores = found.scores
         results = study.finish({
             "n_layers": model.cfg.n_layers,
@@ -201,7 +204,9 @@ def run(config: StudyConfig, **options: Any) -> dict:
                                  "induce": _nan_to_none(scores.induce),
                                  "kl": _nan_to_none(scores.kl), "eligible": scores.eligible.tolist(),
                                  "rows": "post-instruction position -n_post ... -1",
-                                 "columns": "layer (resid_pre); null: not evaluated"},
+                                 "columns": "layer (resid_pre); null: not evaluated (zero "
+                                            "candidate, pruned layer, or a score that cannot "
+                                            "change the choice; --all-scores computes all)"},
             "paper": {"source": "Arditi et al. 2024, Refusal in language models is mediated by a "
                                 "single direction (arXiv 2406.11717)",
                       "finding": "in 13 chat models up to 72B, ablating one direction makes "

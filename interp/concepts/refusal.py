@@ -532,6 +532,7 @@ def select_direction(
     prune_last: float = 0.2,
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
+    all_scores: bool = False,
 ) -> RefusalDirection:
     """Choose the candidate whose ablation lowers refusal most, within the filters.
 
@@ -548,8 +549,16 @@ def select_direction(
     at all). Without the KL preference the fallback tends to be a direction whose ablation
     simply breaks the model (SmolLM2: layer 2, KL 11, gibberish completions).
 
-    Cost: two batched forward passes over the validation prompts per candidate
-    (`n_post * n_layers` candidates; restrict `layers` to save time).
+    Cost, and which scores are computed: the KL of every candidate comes first (one forward
+    pass of `harmless_val` under ablation each). The bypass and induce scores are then
+    computed only where they can decide the choice: bypass for the unpruned candidates
+    within the KL limit (for every unpruned one when none is within it), induce for the
+    unpruned ones within the KL limit, and for the chosen one. The choice is the same as with
+    every score computed (tested); the others stay NaN. On SmolLM2, where 7 of 138 candidates keep the KL <= 0.1,
+    this is about a third of the work of scoring everything. `all_scores=True` scores every
+    candidate (for maps of bypass and induce over layers and positions, as in Arditi et al.'s
+    figures): a pass of both validation sets under ablation and one of `harmless_val` from
+    the candidate's layer with the addition, per candidate. Restrict `layers` to save time.
 
     Args:
         model: the model.
@@ -561,6 +570,7 @@ def select_direction(
         prune_last: fraction of the last layers to leave out.
         layers: evaluate only these layers (default all unpruned ones).
         batch_size: prompts per forward pass.
+        all_scores: score every candidate, not only those that can be chosen.
     """
     n_post, n_layers, d_model = candidates.shape
     if n_layers != model.cfg.n_layers or d_model != model.cfg.d_model:
@@ -587,22 +597,42 @@ def select_direction(
 
     nan = torch.full((n_post, n_layers), float("nan"))
     bypass, induce, kl = nan.clone(), nan.clone(), nan.clone()
+    largest = max(1.0, float(candidates.norm(dim=-1).max()))
+    # identical activations in both sets give a zero candidate: no direction, not evaluated
+    todo = [(i, layer) for i in range(n_post) for layer in chosen_layers
+            if candidates[i, layer].norm() >= 1e-6 * largest]
+    pruned = torch.arange(n_layers) >= cutoff
+
+    def ablation(i: int, layer: int) -> _hooks.Hook:
+        return _hooks.ablate_direction(model, candidates[i, layer].float())
+
+    def score_induce(i: int, layer: int) -> None:
+        added = runs["harmless"].logits(_hooks.steer(model, candidates[i, layer].float(),
+                                                     layers=[layer]), start_layer=layer)
+        induce[i, layer] = refusal_log_odds(added, refusal_tokens).mean()
+
     with inference_layout(model):
-        for i in range(n_post):
-            for layer in chosen_layers:
-                r = candidates[i, layer].float()
-                if r.norm() < 1e-6 * max(1.0, float(candidates.norm(dim=-1).max())):
-                    continue  # identical activations in both sets: no direction
-                ablated = runs["both"].logits(_hooks.ablate_direction(model, r))
+        if all_scores:
+            for i, layer in todo:
+                ablated = runs["both"].logits(ablation(i, layer))
                 bypass[i, layer] = refusal_log_odds(ablated[:n_h], refusal_tokens).mean()
                 kl[i, layer] = _kl(clean_harmless, ablated[n_h:]).mean()
-                added = runs["harmless"].logits(_hooks.steer(model, r, layers=[layer]),
-                                                  start_layer=layer)
-                induce[i, layer] = refusal_log_odds(added, refusal_tokens).mean()
-    evaluated = ~bypass.isnan()
-    eligible = evaluated.clone()
-    pruned = torch.arange(n_layers) >= cutoff
-    eligible &= ~pruned[None, :]
+                score_induce(i, layer)
+        else:
+            for i, layer in todo:
+                kl[i, layer] = _kl(clean_harmless, runs["harmless"].logits(ablation(i, layer))).mean()
+            unpruned = [(i, layer) for i, layer in todo if not pruned[layer]]
+            within = [c for c in unpruned if kl_threshold is None or kl[c] <= kl_threshold]
+            # the choice reads bypass over the pool of `fallback_pool`, which lies inside
+            # `within` unless `within` is empty; eligibility reads induce inside `within`
+            for i, layer in within or unpruned:
+                bypass[i, layer] = refusal_log_odds(runs["harmful"].logits(ablation(i, layer)),
+                                                    refusal_tokens).mean()
+            if induce_threshold is not None:
+                for i, layer in within:
+                    score_induce(i, layer)
+    evaluated = ~kl.isnan()
+    eligible = evaluated & ~bypass.isnan() & ~pruned[None, :]
     if kl_threshold is not None:
         eligible &= kl <= kl_threshold
     if induce_threshold is not None:
@@ -623,6 +653,9 @@ def select_direction(
     masked = torch.where(pool, bypass, torch.full_like(bypass, float("inf")))
     flat = int(masked.argmin())
     i, layer = divmod(flat, n_layers)
+    if induce[i, layer].isnan():  # a fallback outside the KL limit: report its induce score too
+        with inference_layout(model):
+            score_induce(i, layer)
     return RefusalDirection(
         direction=candidates[i, layer].clone(), layer=layer, position=i - n_post,
         passed_filters=passed, candidates=candidates, scores=scores,

@@ -9,6 +9,8 @@ or adding what it finds must move the refusal score as the construction says.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,7 +204,7 @@ def test_selection_takes_the_lowest_bypass_among_eligible_candidates(planted):
     cands = cands.clone()
     cands[2, 1] = (d + 0.5 * along) * cands[2, 1].norm()
     found = R.select_direction(model, cands, data["harmful_val"], data["harmless_val"],
-                               [REFUSE], prune_last=0.0)
+                               [REFUSE], prune_last=0.0, all_scores=True)
     s = found.scores
     assert torch.isnan(s.bypass[:, 0]).all()  # zero candidates are skipped
     expected = (s.kl <= 0.1) & (s.induce > 0.0)
@@ -225,7 +227,7 @@ def test_selection_takes_the_lowest_bypass_among_eligible_candidates(planted):
     # Nothing passes an impossible KL threshold: the best bypass is taken, with a warning.
     with pytest.warns(UserWarning, match="no candidate refusal direction passed"):
         loose = R.select_direction(model, cands, data["harmful_val"], data["harmless_val"],
-                                   [REFUSE], prune_last=0.0, kl_threshold=-1.0)
+                                   [REFUSE], prune_last=0.0, kl_threshold=-1.0, all_scores=True)
     assert not loose.passed_filters
     finite = torch.where(s.bypass.isnan(), torch.tensor(float("inf")), s.bypass)
     assert loose.scores.bypass[loose.position + 3, loose.layer] == finite.min()
@@ -235,6 +237,49 @@ def test_selection_takes_the_lowest_bypass_among_eligible_candidates(planted):
     with pytest.raises(ValueError, match="expected \\[n_post, n_layers=2"):
         R.select_direction(model, cands[:, :1], data["harmful_val"], data["harmless_val"],
                            [REFUSE])
+
+
+@pytest.mark.parametrize("filters", [
+    {},                                            # the defaults: some candidates within the KL
+    {"kl_threshold": -1.0},                        # none within it: bypass of every candidate
+    {"kl_threshold": None},                        # no KL filter
+    {"induce_threshold": None},                    # no induce filter
+    {"kl_threshold": 0.05, "induce_threshold": 1.0},
+])
+def test_scoring_only_what_can_decide_chooses_as_scoring_everything(planted, filters):
+    model, d, data = planted
+    cands = R.candidate_directions(model, data["harmful_train"], data["harmless_train"], 3)
+    # three near-copies of the planted direction at layer 1, with KLs on both sides of 0.1
+    cands = cands.clone()
+    name = "blocks.1.hook_resid_pre"
+    mean = torch.stack([model.run_with_cache(torch.tensor([p]), names_filter=name)[1][name][0, -1]
+                        for p in data["harmless_train"]]).mean(0)
+    along = F.normalize(mean - (mean @ d) * d, dim=0)
+    for i, mix in enumerate((0.0, 0.2, 0.5)):
+        cands[i, 1] = (d + mix * along) * cands[i, 1].norm()
+    kwargs = {"prune_last": 0.0, **filters}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the fallback warning, in both runs
+        full = R.select_direction(model, cands, data["harmful_val"], data["harmless_val"],
+                                  [REFUSE], all_scores=True, **kwargs)
+        lazy = R.select_direction(model, cands, data["harmful_val"], data["harmless_val"],
+                                  [REFUSE], **kwargs)
+    assert (lazy.position, lazy.layer, lazy.passed_filters) == (
+        full.position, full.layer, full.passed_filters)
+    assert torch.equal(lazy.direction, full.direction)
+    assert torch.equal(lazy.scores.eligible, full.scores.eligible)
+    for key in ("bypass", "induce", "kl"):
+        a, b = getattr(lazy.scores, key), getattr(full.scores, key)
+        done = ~a.isnan()
+        assert torch.allclose(a[done], b[done], atol=1e-4)  # equal where computed
+        assert not torch.isnan(b[done]).any()
+    # the KL of every evaluated candidate is computed; the chosen one has all three scores
+    assert torch.equal(lazy.scores.kl.isnan(), full.scores.kl.isnan())
+    at = lazy.position + 3, lazy.layer
+    assert not lazy.scores.bypass[at].isnan() and not lazy.scores.induce[at].isnan()
+    if not filters:  # the decoy (KL > 0.1) is the point: its bypass and induce are skipped
+        assert full.scores.kl[2, 1] > 0.1
+        assert lazy.scores.bypass[2, 1].isnan() and lazy.scores.induce[2, 1].isnan()
 
 
 # --------------------------------------------------------------------------------------------
