@@ -3,7 +3,8 @@
 For each study registered in pyproject.toml, at its smallest setting:
 
 - **determinism**: two fresh runs with one seed write the same `results.json` (everything but
-  timings, the environment record and the output paths), and a run with another seed writes
+  timings, the environment record and the output paths; floats up to the rounding of
+  multi-threaded CPU kernels, 1e-5 relative), and a run with another seed writes
   other numbers where the study samples (its prompts, examples or corpus draw depend on it);
 - **interruption**: the study is started in a subprocess, frozen (SIGSTOP) as soon as its first
   resume unit is on disk, killed (SIGINT or SIGKILL) and rerun in this process. The rerun must
@@ -336,20 +337,18 @@ def test_every_registered_study_is_covered():
     assert set(STUDIES) == set(studies.available()), "add the new study to STUDIES"
 
 
-_NOT_YET_REPRODUCIBLE = pytest.mark.xfail(
-    reason="emergent-misalignment: a second same-seed run differed in the full CI suite (passed "
-           "alone); under investigation, see the closing note of 2026-12-02", strict=False)
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_NOT_YET_REPRODUCIBLE)
-                                  if n == "emergent-misalignment" else n for n in STUDIES])
+@pytest.mark.parametrize("name", list(STUDIES))
 def test_same_seed_same_numbers_other_seed_other_numbers(name, reference, tiny_chat_model_dir,
                                                          data, tmp_path):
     study = STUDIES[name]
     first, _, first_root = reference(name)
     again, _ = run_here(study, tiny_chat_model_dir, data, tmp_path / "again")
     assert not again.get("reused_from_cache"), "the second run must compute, not read a cache"
-    assert comparable(again, tmp_path / "again") == comparable(first, first_root)
+    # Strings (every completion), ints and structure equal; floats equal up to rounding: with
+    # more than one torch thread some CPU kernels are not bitwise reproducible from run to run.
+    # (Measured: at 2 threads two same-seed emergent-misalignment runs in one process differed
+    # at 1e-7 relative in the organism's scores and vectors; at 1 thread they were bit-equal.)
+    _assert_close(comparable(again, tmp_path / "again"), comparable(first, first_root))
     assert len(numbers(first)) > 5  # there is something to compare
 
     other, _ = run_here(study, tiny_chat_model_dir, data, tmp_path / "other", seed=1)
