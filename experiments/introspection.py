@@ -316,7 +316,8 @@ def run_mechanism(sw: Sweep, best: dict[str, Any]) -> dict[str, Any]:
         agree = {}
         for method in ("atp", "relp"):
             for fam in ("attn", "mlp"):
-                x, y = mech["exact"][fam]["ablation"], [-v for v in mech[method][fam]]
+                # both on one convention: gap(injected) - gap(injected, component patched)
+                x, y = mech["exact"][fam]["ablation"], mech[method][fam]
                 agree[f"{method}_{fam}"] = (float(pearsonr(x, y)[0]) if len(x) > 2 and
                                             len(set(x)) > 1 and len(set(y)) > 1 else None)
         mech["pearson_with_exact_ablation"] = agree

@@ -152,6 +152,25 @@ def test_yes_no_gap_equals_hand_logsumexp(tiny, template):
     assert gaps[0].item() != pytest.approx(gaps[1].item(), abs=1e-3)
 
 
+def test_attribution_estimates_the_exact_ablation_effect_with_its_sign(tiny, template):
+    """In the linear regime (a small injection) AtP's first-order estimate of each later
+    component's ablation effect is that effect, sign included; RelP is its own thing, but its
+    values are on the same convention (injected minus patched)."""
+    torch.manual_seed(0)
+    vecs = [torch.randn(tiny.cfg.d_model) for _ in range(2)]
+    injections = [I.Injection(v, 0, 0.05) for v in vecs]
+    prompt, marker = I.trial_prompt(tiny, template, 1), I.injection_marker(1)
+    exact = I.component_effects(tiny, prompt, marker, injections, [1, 2, 3])
+    atp = I.attribution_effects(tiny, prompt, marker, injections, [1, 2, 3])
+    for fam in ("attn", "mlp"):
+        want, got = torch.tensor(exact[fam]["ablation"]), torch.tensor(atp[fam])
+        assert want.abs().max() > 1e-6  # the injection reaches them
+        torch.testing.assert_close(got, want, rtol=0.1, atol=0.05 * float(want.abs().max()))
+    # the heads' estimates add up to the attention output's (z -> W_O is linear)
+    heads = torch.tensor(atp["heads"]).sum(-1)
+    torch.testing.assert_close(heads, torch.tensor(atp["attn"]), rtol=1e-3, atol=1e-6)
+
+
 def test_norms_and_random_control(tiny, template):
     prompt = I.trial_prompt(tiny, template, 1)
     norms = I.residual_norm(tiny, prompt, [0, 3])
