@@ -76,6 +76,7 @@ __all__ = [
     "Steer",
     "ablate_direction",
     "capture",
+    "hook_family",
     "hook_names",
     "mean_ablate",
     "patch",
@@ -264,6 +265,22 @@ def _check_names(model: HookedRootModule, names: Sequence[str]) -> None:
 def _layer_of(name: str) -> int | None:
     match = _LAYER_RE.match(name)
     return int(match.group(1)) if match else None
+
+
+_FAMILY_OF_TEMPLATE = {template: family for family, template in HOOK_FAMILIES.items()}
+
+
+def hook_family(name: str) -> str | None:
+    """The `HOOK_FAMILIES` short name of a hook-point name or `{L}` template, else None.
+
+    `"blocks.3.attn.hook_z"` and `"blocks.{L}.attn.hook_z"` are `"z"`,
+    `"blocks.0.hook_resid_pre"` is `"resid_pre"`. Only exact members of a family count: hook
+    points nested below one (`"blocks.3.hook_resid_pre.hook_sae_acts_post"`, an SAE's latents)
+    and names outside the blocks (`"hook_embed"`) give None. Code that must know what kind of
+    activation a hook point carries (its axes, its width) asks this registry instead of
+    testing the name's text.
+    """
+    return _FAMILY_OF_TEMPLATE.get(_LAYER_RE.sub("blocks.{L}.", name, count=1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -905,7 +922,11 @@ class Patch(Hook):
 
     `values[name]` is a tensor shaped like the activation at `name` (batch 1 broadcasts to
     any batch) or a number. Zero, mean and resample ablation are all this class with different
-    tables; see `patch`, `zero_ablate`, `mean_ablate`, `resample_ablate`.
+    tables; see `patch`, `zero_ablate`, `mean_ablate`, `resample_ablate`. It is also the patch
+    primitive of the attribution methods: with no selection and a value of the activation's
+    shape, dtype and device, the hook returns that very tensor, so a leaf made with
+    `requires_grad_(True)` (an integrated-gradients interpolation point) reaches the model as it
+    is and gradients can be taken with respect to it.
 
     Attributes:
         values: the replacement for each hook point.
@@ -1196,7 +1217,9 @@ class Capture(Hook):
 
     `capture[name]` is the last activation seen at `name` (or the list of all of them with
     `append=True`). Entering the context clears what an earlier use recorded. The hook never
-    changes the activation.
+    changes the activation. With `keep_grad=True` (and no `device`) the stored tensor *is* the
+    activation the model passes on: not detached, not copied, so `torch.autograd.grad(value,
+    [capture[n] for n in names])` gives the gradient at each hook point (see `capture`).
     """
 
     def __init__(
@@ -1268,6 +1291,19 @@ def capture(
     the model actually passes on. Tensors are detached unless `keep_grad` (then gradients flow
     through them to, for example, a steering vector); they are not copied, as in
     `run_with_cache`.
+
+    **Capture with gradient.** `capture(model, names, keep_grad=True)` is the one way the
+    gradient methods (AtP, AtP*, IG, RelP, EAP) keep activations in the autograd graph: every
+    stored tensor is the very activation object downstream layers consume, so after
+    `value = metric(model(tokens))` inside the context, `torch.autograd.grad(value,
+    [store[n] for n in names])` is d value / d activation at each hook point (None for a hook
+    point the value does not depend on). Gradients are taken with respect to what the hook
+    point passes on, i.e. *after* hooks attached before the capture (an interpolation or a
+    patch entered first) and *before* hooks attached after it (enter a gradient gate after the
+    capture to have it act on the captured tensor's gradient). With `append=True` each forward
+    pass through a hook point adds one graph node to a list (several forward passes under one
+    backward). Combine it with `model.hooks(fwd_hooks=...)` by nesting the contexts in the
+    order the hooks should run, or use the plain `fwd_hooks()` list.
 
     Args:
         model: the model, or None with full hook names.

@@ -475,6 +475,94 @@ def test_capture_keeps_grad_on_request(gpt2):
         assert not detached["blocks.1.hook_resid_pre"].requires_grad
 
 
+def _grads_by_zero_offsets(model, runs, names, loss_of):
+    """d loss / d activation at `names` by hand, without `capture`: each forward pass adds a
+    zero tensor that requires grad at every hook point (`act + eps` has the value of `act`),
+    and the gradient with respect to `eps` is the gradient with respect to the activation."""
+    eps: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def add_zero(act, hook):
+        e = torch.zeros_like(act, requires_grad=True)
+        eps[hook.name].append(e)
+        return act + e
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(n, add_zero) for n in names]):
+        loss = loss_of([model(tokens) for tokens in runs])
+        flat = [e for n in names for e in eps[n]]
+        grads = iter(torch.autograd.grad(loss, flat))
+    return {n: [next(grads) for _ in eps[n]] for n in names}, loss.detach()
+
+
+def _loss(logits_list):
+    return sum((i + 1) * logits[:, -1].logsumexp(-1).sum() for i, logits in enumerate(logits_list))
+
+
+def test_capture_with_grad_matches_autograd_on_a_hand_hooked_run(model):
+    names = hooks.hook_names(model, ["resid_pre", "attn_out", "z", "mlp_post"], layers="all")
+    runs = [_tokens(40)]
+    expected, expected_loss = _grads_by_zero_offsets(model, runs, names, _loss)
+    with torch.enable_grad(), hooks.capture(model, names, keep_grad=True) as kept:
+        loss = _loss([model(tokens) for tokens in runs])
+        grads = torch.autograd.grad(loss, [kept[n] for n in names])
+    torch.testing.assert_close(loss.detach(), expected_loss, rtol=0, atol=0)
+    for name, grad in zip(names, grads):
+        assert kept[name].requires_grad and kept[name].grad_fn is not None  # not detached
+        torch.testing.assert_close(grad, expected[name][0], rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(runs[0], names_filter=names)
+    for name in names:  # the values themselves: the activations the model computed
+        torch.testing.assert_close(kept[name].detach(), cache[name], rtol=0, atol=0)
+
+
+def test_capture_with_grad_append_keeps_one_graph_node_per_forward_pass(gpt2):
+    names = hooks.hook_names(gpt2, ["resid_mid", "mlp_out"], layers=[0, 1])
+    runs = [_tokens(41), _tokens(42), _tokens(43)]
+    expected, _ = _grads_by_zero_offsets(gpt2, runs, names, _loss)
+    with torch.enable_grad(), hooks.capture(gpt2, names, keep_grad=True, append=True) as kept:
+        loss = _loss([gpt2(tokens) for tokens in runs])
+        assert all(len(kept[n]) == len(runs) for n in names)
+        grads = torch.autograd.grad(loss, [a for n in names for a in kept[n]])
+    grads = iter(grads)
+    for name in names:
+        for i in range(len(runs)):  # the runs are weighted 1, 2, 3 in the loss: order matters
+            torch.testing.assert_close(next(grads), expected[name][i], rtol=1e-5, atol=1e-7)
+
+
+def test_capture_with_grad_sees_earlier_hooks_not_later_ones(gpt2):
+    """A patch entered before the capture is what it records (its leaf gets the gradient); a
+    hook entered after it (here: doubling the activation) acts downstream of the capture."""
+    name = "blocks.1.hook_resid_pre"
+    tokens = _tokens(44)
+    with torch.no_grad():
+        _, cache = gpt2.run_with_cache(_tokens(45), names_filter=[name])
+    leaf = cache[name].clone().requires_grad_(True)
+    with torch.enable_grad():
+        with (
+            hooks.patch(gpt2, {name: leaf}, name),
+            hooks.capture(gpt2, name, keep_grad=True) as kept,
+            gpt2.hooks(fwd_hooks=[(name, lambda act, hook: 2 * act)]),
+        ):
+            loss = gpt2(tokens)[:, -1].logsumexp(-1).sum()
+        assert kept[name] is leaf
+        (grad_kept,) = torch.autograd.grad(loss, [kept[name]])
+        # by hand: the same run with the doubled patched value put in at layer 1
+        doubled = (2 * cache[name]).requires_grad_(True)
+        with gpt2.hooks(fwd_hooks=[(name, lambda act, hook: doubled)]):
+            loss_ref = gpt2(tokens)[:, -1].logsumexp(-1).sum()
+        (grad_doubled,) = torch.autograd.grad(loss_ref, [doubled])
+    torch.testing.assert_close(loss.detach(), loss_ref.detach())
+    torch.testing.assert_close(grad_kept, 2 * grad_doubled)  # chain rule through x -> 2x
+
+
+def test_hook_family_reads_the_registry():
+    for family, template in hooks.HOOK_FAMILIES.items():
+        assert hooks.hook_family(template) == family
+        assert hooks.hook_family(template.format(L=7)) == family
+    assert hooks.hook_family("blocks.3.hook_resid_pre.hook_sae_acts_post") is None
+    assert hooks.hook_family("hook_embed") is None
+    assert hooks.hook_family("blocks.2.ln1.hook_normalized") is None
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------

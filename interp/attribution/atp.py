@@ -39,6 +39,7 @@ from transformer_lens import HookedTransformer
 from interp.attribution.metrics import Metric, MetricLike
 from interp.attribution.patching import Direction, check_pairs, targets
 from interp.attribution.sites import FamilySpec, Scores, default_labels, families, site_config
+from interp.hooks import capture
 
 
 def attribution_patching(
@@ -168,17 +169,14 @@ def activation_grads(
     """Activations at `names` (detached), d mean(metric) / d activation, and the metric value.
 
     One forward and one backward pass; `fwd_hooks` are applied during the forward pass (before
-    the capture hooks). Unreached activations get a zero gradient. The parameters'
+    the capture hooks, `interp.hooks.capture(..., keep_grad=True)`), so the gradients are taken
+    at what those hooks pass on. Unreached activations get a zero gradient. The parameters'
     `requires_grad` flags are restored afterwards.
     """
-    captured: dict[str, Tensor] = {}
-
-    def keep(act: Tensor, hook) -> None:
-        captured[hook.name] = act
-
     embed = model.embed.W_E
     was = embed.requires_grad
-    with torch.enable_grad(), model.hooks(fwd_hooks=[*fwd_hooks, *[(n, keep) for n in names]]):
+    with (torch.enable_grad(), model.hooks(fwd_hooks=list(fwd_hooks)),
+          capture(model, names, keep_grad=True) as captured):
         embed.requires_grad_(True)  # the graph must exist even if the caller froze parameters
         try:
             value = metric.on_model(model, tokens).mean()

@@ -97,11 +97,22 @@ from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from interp.attribution.atp import prepare
 from interp.attribution.metrics import MetricLike
 from interp.attribution.patching import Direction
-from interp.attribution.sites import FAMILIES, FamilySpec, Scores, default_labels, qkv_input_of, site_config
+from interp.attribution.sites import FAMILIES, FamilySpec, Scores, SiteFamily, default_labels, qkv_input_of, site_config
+from interp.hooks import capture
 
 Activations = Union[ActivationCache, dict[str, Tensor]]  # hook name -> activation
 
-HEAD_FAMILIES = ("heads", "heads_by_pos")
+HEAD_FAMILIES = ("heads", "heads_by_pos")  # the built-in families `_on_heads` accepts
+
+
+def _on_heads(fam: SiteFamily) -> bool:
+    """Head outputs `z` scored per head or per (position, head): the QK fix applies."""
+    return fam.hook_family == "z" and fam.axes in (("head",), ("pos", "head"))
+
+
+def _on_resid(fam: SiteFamily) -> bool:
+    """The residual stream entering a layer, per position: the residual QK fix applies."""
+    return fam.hook_family == "resid_pre" and fam.axes == ("pos",)
 
 
 def atp_star(
@@ -146,8 +157,8 @@ def atp_star(
     depth = n_layers if qk_layers is None else min(qk_layers, n_layers)
     if resid_through not in ("pattern", "head_output"):
         raise ValueError(f"resid_through must be 'pattern' or 'head_output', got {resid_through!r}")
-    resid_fix = depth > 0 and any(f.name == "resid" for f in fams)
-    heads_needed = resid_fix or any(f.name in HEAD_FAMILIES or qkv_input_of(f) for f in fams)
+    resid_fix = depth > 0 and any(_on_resid(f) for f in fams)
+    heads_needed = resid_fix or any(_on_heads(f) or qkv_input_of(f) for f in fams)
     attn_names = _attention_hooks(model) if heads_needed else {}
     attn_all = [attn_names[k].format(L=layer) for layer in layers for k in attn_names]
     # the resid fix needs the gradients at the split query/key inputs of every layer
@@ -172,11 +183,6 @@ def _atp_star(model, target, source, fams, names, metric, grad_drop, method, res
     with torch.no_grad():
         _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in {*names, *attn_all})
 
-    captured: dict[str, Tensor] = {}
-
-    def keep(act: Tensor, hook) -> None:
-        captured[hook.name] = act
-
     drop = {"layer": None}
 
     def gate(act: Tensor, hook, layer: int) -> Tensor:
@@ -193,8 +199,10 @@ def _atp_star(model, target, source, fams, names, metric, grad_drop, method, res
     with torch.enable_grad():
         embed.requires_grad_(True)  # the graph must exist even if the caller froze parameters
         try:
-            with model.hooks(fwd_hooks=[*[(n, keep) for n in keep_names], *gates]):
+            # the capture comes first: the gates act on the captured tensors' gradients
+            with capture(model, keep_names, keep_grad=True) as store, model.hooks(fwd_hooks=gates):
                 value = metric.on_model(model, target).mean()
+            captured = dict(store)
             # the capture hooks are off from here: the resid fix runs attention modules again
             grad_inputs = sorted({*names, *split_names, *[attn_names[k].format(L=layer)
                                                           for layer in layers for k in ("pattern", "z")]}
@@ -273,7 +281,7 @@ def _estimates(
         kind = qkv_input_of(fam)
         for layer in fam.layer_list(model):
             names = {k: v.format(L=layer) for k, v in attn_names.items()}
-            if fam.name in HEAD_FAMILIES:
+            if _on_heads(fam):
                 parts = qk_fixed_head_effects(
                     model.blocks[layer].attn,
                     {k: target[n].detach() for k, n in names.items()},
@@ -281,7 +289,7 @@ def _estimates(
                     grads[names["pattern"]], grads[names["z"]],
                 )
                 per_pos = parts.sum(0)  # query_pos head
-                per_layer.append(per_pos.sum(0) if fam.name == "heads" else per_pos)
+                per_layer.append(per_pos if "pos" in fam.axes else per_pos.sum(0))
             elif kind is not None:
                 effects = qkv_input_effects(
                     model.blocks[layer].attn,
@@ -295,7 +303,7 @@ def _estimates(
                 name = fam.hook_name(layer)
                 contrib = (source[name] - target[name].detach()) * grads[name]
                 est = einops.reduce(contrib.float(), fam.reduce_pattern, "sum")
-                if fam.name == "resid" and resid_fix is not None:
+                if _on_resid(fam) and resid_fix is not None:
                     est = est + resid_qk_correction(model, layer, resid_fix[0], target, source,
                                                     grads, attn_names, resid_fix[1])
                 per_layer.append(est)
@@ -371,13 +379,8 @@ def final_qkv(
                     and not cfg.ungroup_grouped_query_attention else cfg.n_heads)
         inputs = [einops.repeat(stream, "b p d -> b p h d", h=h)
                   for h in (cfg.n_heads, kv_heads, kv_heads)]
-    kept: dict[str, Tensor] = {}
     names = {k: attn_names[k].format(L=layer) for k in ("q", "k", "v")}
-
-    def keep(act: Tensor, hook) -> None:
-        kept[hook.name] = act
-
-    with torch.no_grad(), model.hooks(fwd_hooks=[(n, keep) for n in names.values()]):
+    with torch.no_grad(), capture(model, list(names.values()), keep_grad=True) as kept:
         block.attn(query_input=block.ln1(inputs[0]), key_input=block.ln1(inputs[1]),
                    value_input=block.ln1(inputs[2]))
     return {k: kept[n] for k, n in names.items()}

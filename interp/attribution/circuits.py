@@ -102,6 +102,7 @@ from interp.attribution.graph import EdgeScores, Graph
 from interp.attribution.metrics import Metric, MetricLike, as_metric
 from interp.attribution.patching import check_pairs
 from interp.attribution.sites import Scores, SiteFamily
+from interp.hooks import hook_family
 
 __all__ = [
     "MIB_FRACTIONS",
@@ -277,7 +278,7 @@ def _ablated_writes(
         acts = means
     out = {}
     for name, act in acts.items():
-        if name.endswith("attn.hook_z"):
+        if hook_family(name) == "z":
             w_o = model.blocks[int(name.split(".")[1])].attn.W_O
             out[name] = einops.einsum(act.to(acc), w_o.to(acc), "b p h k, h k d -> b p h d")
         else:

@@ -312,21 +312,19 @@ def eap(
     batch = target.shape[0]
     names = sender_hook_names(graph)
     scores = torch.zeros(graph.n_senders, graph.n_receivers, dtype=_acc_dtype(model), device=target.device)
-    kept: dict[str, Tensor] = {}
     state: dict[str, Contract] = {}
-
-    def keep(act: Tensor, hook: HookPoint) -> None:
-        kept[hook.name] = act.detach()
 
     def contract(grad: Tensor, ids: Tensor, n_before: int) -> None:
         if "c" not in state:  # the forward pass is over: the target's sender outputs are all here
-            state["c"] = _shared_contract(scores, sender_deltas(model, graph, source_acts, kept), batch)
+            state["c"] = _shared_contract(scores, sender_deltas(model, graph, source_acts, dict(kept)),
+                                          batch)
         state["c"](grad, ids, n_before)
 
     with receiver_inputs(model), (lrp_rules(model, rules) if rules is not None else nullcontext()):
         source_acts = capture_senders(model, graph, source)
-        values = _gradient_pass(model, graph, target, metric, batch, contract,
-                                fwd_hooks=[(n, keep) for n in names])
+        # entered before the gradient pass's own hooks, so it records what they start from
+        with capture(model, names, layers=None) as kept:
+            values = _gradient_pass(model, graph, target, metric, batch, contract)
     return _edge_scores(graph, scores, method, values.float().mean().item())
 
 
@@ -572,18 +570,14 @@ def _target_run(model: HookedTransformer, tokens: Tensor, names: Sequence[str], 
                 p0: int) -> _TargetRun:
     """Run the target block by block, keeping the sender activations, the residual stream
     entering each layer and each layer's keys and values."""
-    kept: dict[str, Tensor] = {}
-
-    def keep(act: Tensor, hook: HookPoint) -> None:
-        kept[hook.name] = act
-
     kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, tokens.shape[0]).entries
-    with model.hooks(fwd_hooks=[(n, keep) for n in names]):
+    with capture(model, names, layers=None, keep_grad=True) as store:
         x = model(tokens, stop_at_layer=0)
         starts = [x[:, p0:]]
         for block, entry in zip(model.blocks, kv):
             x = block(x, past_kv_cache_entry=entry)
             starts.append(x[:, p0:])
+    kept = dict(store)
     for entry in kv:
         entry.past_keys, entry.past_values = entry.past_keys[:, :p0], entry.past_values[:, :p0]
         entry.frozen = True

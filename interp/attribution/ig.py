@@ -35,6 +35,7 @@ from interp.attribution.atp import activation_grads, in_prompt_chunks, make_scor
 from interp.attribution.metrics import Metric, MetricLike
 from interp.attribution.patching import Direction
 from interp.attribution.sites import FamilySpec, Scores, site_config
+from interp.hooks import patch
 
 EMBED_HOOKS = ("hook_embed", "hook_pos_embed")
 
@@ -93,17 +94,17 @@ def _ig_inputs(
         _, source_cache = model.run_with_cache(source, names_filter=lambda n: n in {*names, *embeds})
         _, target_cache = model.run_with_cache(target, names_filter=lambda n: n in {*names, *embeds})
         baseline = metric.on_model(model, target).mean().item()
+    embeds = [n for n in embeds if n in target_cache.cache_dict]  # ALiBi has no position embedding
 
     mean_grads = {n: torch.zeros_like(target_cache[n]) for n in names}
     for k in range(steps):
         alpha = (k + 0.5) / steps
 
-        def interpolate(act, hook, alpha=alpha):
-            start, end = target_cache[hook.name], source_cache[hook.name]
-            return (start + alpha * (end - start)).requires_grad_(True)  # a leaf of the graph
-
+        # each embedding replaced by its point on the line, a leaf of the graph
+        points = {n: (target_cache[n] + alpha * (source_cache[n] - target_cache[n])).requires_grad_(True)
+                  for n in embeds}
         _, grads, _ = activation_grads(model, target, metric, names,
-                                       fwd_hooks=[(n, interpolate) for n in embeds])
+                                       fwd_hooks=patch(model, points, embeds).fwd_hooks())
         for n in names:
             mean_grads[n] += grads[n] / steps
     deltas = {n: source_cache[n] - target_cache[n] for n in names}
@@ -133,14 +134,12 @@ def _ig_activations(
         start, end = target_cache[name], source_cache[name]
         a = alphas.to(start.dtype).reshape(steps, *([1] * start.ndim))
         points = einops.rearrange(start + a * (end - start), "s b ... -> (s b) ...")
-
-        def interpolate(act, hook, points=points):
-            return points.clone().requires_grad_(True)  # a leaf of the graph
+        leaf = points.clone().requires_grad_(True)  # the activation replaced by a leaf of the graph
 
         # The metric is the mean over steps * batch rows, so summing each prompt's gradient
         # over the `steps` copies gives the gradient of its batch-mean metric averaged over alpha.
         _, grads, _ = activation_grads(model, repeated, metric_rep, [name],
-                                       fwd_hooks=[(name, interpolate)])
+                                       fwd_hooks=patch(model, {name: leaf}, name).fwd_hooks())
         mean_grads[name] = einops.reduce(grads[name], "(s b) ... -> b ...", "sum", s=steps)
     deltas = {n: source_cache[n] - target_cache[n] for n in names}
     return site_values(model, fams, deltas, mean_grads), baseline

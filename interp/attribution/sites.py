@@ -53,6 +53,8 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from interp.hooks import hook_family
+
 
 @dataclass(frozen=True)
 class SiteFamily:
@@ -77,6 +79,12 @@ class SiteFamily:
 
     def hook_name(self, layer: int) -> str:
         return self.hook.format(L=layer)
+
+    @property
+    def hook_family(self) -> str | None:
+        """The `interp.hooks.HOOK_FAMILIES` name of the hook point (`"resid_pre"`, `"z"`,
+        `"q_input"`, ...), None for other hook points (an SAE's latents)."""
+        return hook_family(self.hook)
 
     def layer_list(self, model: HookedTransformer) -> list[int]:
         return list(range(model.cfg.n_layers)) if self.layers is None else list(self.layers)
@@ -123,10 +131,7 @@ QKV_INPUT_HOOKS = ("hook_q_input", "hook_k_input", "hook_v_input")
 
 def qkv_input_of(fam: SiteFamily) -> str | None:
     """`"q"`, `"k"` or `"v"` for a family on a head's split query/key/value input, else None."""
-    for x, suffix in zip("qkv", QKV_INPUT_HOOKS):
-        if fam.hook.endswith(suffix):
-            return x
-    return None
+    return {"q_input": "q", "k_input": "k", "v_input": "v"}.get(fam.hook_family or "")
 
 
 @contextmanager

@@ -74,6 +74,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
+from interp.hooks import hook_family
 from interp.saes.quality import sae_skip_first
 
 __all__ = [
@@ -98,10 +99,12 @@ SAE_HOOK_POINTS = (
 
 _REGISTRY_ATTR = "_interp_sae_splices"
 
-#: Hook-name suffixes whose activation width the model config tells, and how.
-_D_MODEL_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
-                     "hook_mlp_out", "hook_embed", "hook_pos_embed", "hook_normalized")
-_D_MLP_SUFFIXES = ("mlp.hook_pre", "mlp.hook_post", "mlp.hook_pre_linear")
+#: Hook points whose activation width the model config tells: by `interp.hooks` family, and
+#: the few outside the families (embeddings, norm outputs) whose width is d_model.
+_D_MODEL_FAMILIES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+_D_MLP_FAMILIES = ("mlp_pre", "mlp_post", "mlp_pre_linear")
+_PER_HEAD_FAMILIES = ("z", "q", "result")  # n_heads heads (k and v have fewer under GQA)
+_D_MODEL_OTHERS = ("hook_embed", "hook_pos_embed", "hook_normalized")
 
 
 def latent_hook_name(hook_name: str, point: str = "acts_post") -> str:
@@ -400,11 +403,12 @@ def _validate(model: HookedTransformer, hook_name: str, sae: SAE, check_metadata
 def _expected_width(model: HookedTransformer, hook_name: str, sae: SAE) -> int | None:
     """The activation width at `hook_name` from the model config, or None when not known."""
     cfg = model.cfg
-    if hook_name.endswith(_D_MODEL_SUFFIXES):
+    family = hook_family(hook_name)
+    if family in _D_MODEL_FAMILIES or (family is None and hook_name.endswith(_D_MODEL_OTHERS)):
         return cfg.d_model
-    if hook_name.endswith(_D_MLP_SUFFIXES):
+    if family in _D_MLP_FAMILIES:
         return cfg.d_mlp
-    if hook_name.endswith(("attn.hook_z", "attn.hook_q", "attn.hook_result")):
+    if family in _PER_HEAD_FAMILIES:
         return cfg.n_heads * cfg.d_head if sae.cfg.reshape_activations == "hook_z" else cfg.d_head
     return None
 

@@ -49,6 +49,7 @@ from sae_lens import SAE
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from interp.hooks import zero_ablate
 from interp.saes.activations import stop_layer
 
 __all__ = ["Quality", "evaluate", "sae_skip_first"]
@@ -200,14 +201,11 @@ def evaluate(
         out[:, skip:] = sae.decode(sae.encode(act[:, skip:].to(sae.dtype))).to(act.dtype)
         return out
 
-    def zero(act: Tensor, hook: Any) -> Tensor:
-        out = act.clone()
-        out[:, skip:] = 0.0
-        return out
+    zero = zero_ablate(model, hook_name, from_position=skip)
 
     for start in range(0, ce_tokens.shape[0], batch_size):
         batch = ce_tokens[start:start + batch_size].to(device)
-        for name, hooks in (("clean", []), ("sae", [(hook_name, splice)]), ("zero", [(hook_name, zero)])):
+        for name, hooks in (("clean", []), ("sae", [(hook_name, splice)]), ("zero", zero.fwd_hooks())):
             loss = model.run_with_hooks(batch, return_type="loss", loss_per_token=True, fwd_hooks=hooks)
             losses[name].append(loss[:, skip:].double().cpu().flatten())
     ce = {k: torch.cat(v).mean().item() for k, v in losses.items()}
