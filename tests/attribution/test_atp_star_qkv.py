@@ -184,6 +184,48 @@ def test_resid_fix_through_head_outputs_equals_exact_patching_when_the_metric_is
     assert (pattern - exact).abs().max() > 1e-3  # the interaction term matters here
 
 
+def _second_layer_change_by_hand(model, clean, corrupt, metric, frozen: str, inputs: str):
+    """Per position p of a layer-0 residual site, `E - D`: E, the effect on the metric of
+    replacing layer 1's `frozen` activation (its pattern, or its head outputs) by the one it
+    has when layer 1's input stream at p is shifted by the site's clean-minus-corrupt delta
+    (hooked runs), D the first-order effect of that shift through layer 1's `inputs` (query,
+    key and perhaps value inputs; autograd of the metric with respect to a scale on it)."""
+    _, src = model.run_with_cache(clean)
+    _, tgt = model.run_with_cache(corrupt)
+    delta = src["blocks.0.hook_resid_pre"] - tgt["blocks.0.hook_resid_pre"]
+    baseline = metric(model(corrupt)).mean()
+    expected = torch.zeros(clean.shape[1])
+    name = f"blocks.1.{frozen}"
+    for p in range(clean.shape[1]):
+        seen = {}
+
+        def shift_stream(act, hook, p=p):
+            act = act.clone()
+            act[:, p] += delta[:, p]
+            return act
+
+        with torch.no_grad():
+            model.run_with_hooks(corrupt, fwd_hooks=[
+                ("blocks.1.hook_resid_pre", shift_stream),
+                (name, lambda act, hook, seen=seen: seen.setdefault("frozen", act))])
+            logits = model.run_with_hooks(corrupt, fwd_hooks=[
+                (name, lambda act, hook, seen=seen: seen["frozen"])])
+        effect = metric(logits).mean() - baseline
+        scale = torch.zeros((), requires_grad=True)
+
+        def shift_input(act, hook, p=p, scale=scale):
+            act = act.clone()
+            act[:, p] += scale * delta[:, p, None]
+            return act
+
+        with site_config(model, families(["q_input"])):
+            logits = model.run_with_hooks(corrupt, fwd_hooks=[
+                (f"blocks.1.hook_{x}_input", shift_input) for x in inputs])
+        (first_order,) = torch.autograd.grad(metric(logits).mean(), scale)
+        expected[p] = effect - first_order
+    return expected
+
+
 def test_resid_qk_fix_of_a_later_layer_equals_its_pattern_patched_by_hand():
     """Two attention layers, no norms or MLPs. Going from `qk_layers=1` to `2` changes the
     score of a layer-0 site by `E - D`: E, the effect of replacing layer 1's pattern by the one
@@ -203,38 +245,7 @@ def test_resid_qk_fix_of_a_later_layer_equals_its_pattern_patched_by_hand():
     two = atp_star(model, clean, corrupt, metric, ["resid"], qk_layers=2, **kw)["resid"].values[0]
     every = atp_star(model, clean, corrupt, metric, ["resid"], qk_layers=None, **kw)["resid"].values[0]
     torch.testing.assert_close(two, every)  # two layers is all there are
-    _, src = model.run_with_cache(clean)
-    _, tgt = model.run_with_cache(corrupt)
-    delta = src["blocks.0.hook_resid_pre"] - tgt["blocks.0.hook_resid_pre"]
-    baseline = metric(model(corrupt)).mean()
-    expected = torch.zeros(clean.shape[1])
-    for p in range(clean.shape[1]):
-        seen = {}
-
-        def shift_stream(act, hook, p=p):
-            act = act.clone()
-            act[:, p] += delta[:, p]
-            return act
-
-        with torch.no_grad():
-            model.run_with_hooks(corrupt, fwd_hooks=[
-                ("blocks.1.hook_resid_pre", shift_stream),
-                ("blocks.1.attn.hook_pattern", lambda act, hook, seen=seen: seen.setdefault("A", act))])
-            logits = model.run_with_hooks(corrupt, fwd_hooks=[
-                ("blocks.1.attn.hook_pattern", lambda act, hook, seen=seen: seen["A"])])
-        effect = metric(logits).mean() - baseline
-        scale = torch.zeros((), requires_grad=True)
-
-        def shift_qk(act, hook, p=p, scale=scale):
-            act = act.clone()
-            act[:, p] += scale * delta[:, p, None]
-            return act
-
-        with site_config(model, families(["q_input"])):
-            logits = model.run_with_hooks(corrupt, fwd_hooks=[
-                ("blocks.1.hook_q_input", shift_qk), ("blocks.1.hook_k_input", shift_qk)])
-        (first_order,) = torch.autograd.grad(metric(logits).mean(), scale)
-        expected[p] = effect - first_order
+    expected = _second_layer_change_by_hand(model, clean, corrupt, metric, "attn.hook_pattern", "qk")
     assert expected.abs().max() > 1e-3
     torch.testing.assert_close(two - one, expected, atol=1e-4, rtol=1e-4)
 
@@ -280,38 +291,7 @@ def test_resid_fix_through_head_outputs_of_a_later_layer_equals_its_outputs_patc
     kw = {"resid_through": "head_output"}
     one = atp_star(model, clean, corrupt, metric, ["resid"], qk_layers=1, **kw)["resid"].values[0]
     two = atp_star(model, clean, corrupt, metric, ["resid"], qk_layers=2, **kw)["resid"].values[0]
-    _, src = model.run_with_cache(clean)
-    _, tgt = model.run_with_cache(corrupt)
-    delta = src["blocks.0.hook_resid_pre"] - tgt["blocks.0.hook_resid_pre"]
-    baseline = metric(model(corrupt)).mean()
-    expected = torch.zeros(clean.shape[1])
-    for p in range(clean.shape[1]):
-        seen = {}
-
-        def shift_stream(act, hook, p=p):
-            act = act.clone()
-            act[:, p] += delta[:, p]
-            return act
-
-        with torch.no_grad():
-            model.run_with_hooks(corrupt, fwd_hooks=[
-                ("blocks.1.hook_resid_pre", shift_stream),
-                ("blocks.1.attn.hook_z", lambda act, hook, seen=seen: seen.setdefault("z", act))])
-            logits = model.run_with_hooks(corrupt, fwd_hooks=[
-                ("blocks.1.attn.hook_z", lambda act, hook, seen=seen: seen["z"])])
-        effect = metric(logits).mean() - baseline
-        scale = torch.zeros((), requires_grad=True)
-
-        def shift_input(act, hook, p=p, scale=scale):
-            act = act.clone()
-            act[:, p] += scale * delta[:, p, None]
-            return act
-
-        with site_config(model, families(["q_input"])):
-            logits = model.run_with_hooks(corrupt, fwd_hooks=[
-                (f"blocks.1.hook_{x}_input", shift_input) for x in "qkv"])
-        (first_order,) = torch.autograd.grad(metric(logits).mean(), scale)
-        expected[p] = effect - first_order
+    expected = _second_layer_change_by_hand(model, clean, corrupt, metric, "attn.hook_z", "qkv")
     assert expected.abs().max() > 1e-3
     torch.testing.assert_close(two - one, expected, atol=1e-4, rtol=1e-4)
 
