@@ -50,7 +50,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import plotly.graph_objects as go
@@ -79,6 +79,7 @@ from interp.studies import (
     option,
     options_parser,
     torch_threads,
+    with_quick,
 )
 from interp.tokens import single_token
 from interp.training import LoRA, TrainConfig, merge_lora, train
@@ -231,8 +232,8 @@ def grid(opts: Options) -> list[tuple[str, str]]:
 
 def run(config: StudyConfig, **options: Any) -> dict:
     opts = Options(**options)
-    if opts.quick:
-        opts = replace(opts, **QUICK)
+    if opts.quick:  # QUICK replaces the defaults; options given explicitly stay
+        opts = with_quick(opts, QUICK)
     with torch_threads(opts.threads), StudyRun(STUDY, config, opts,
                                                ignore=("gen_batch_size", "threads")) as study:
         results = _run(study, config, opts)

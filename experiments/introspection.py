@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ from transformer_lens import HookedTransformer
 from interp import introspection as I
 from interp import plots
 from interp.attribution.lrp import LRPRules
-from interp.studies import StudyConfig, StudyRun, option, options_parser, torch_threads
+from interp.studies import StudyConfig, StudyRun, option, options_parser, torch_threads, with_quick
 
 DESCRIPTION = ("Introspection (Macar et al. 2026): inject concept vectors, ask the model whether "
                "it detects an injected thought; sweeps, controls, mechanism, trained bias.")
@@ -455,9 +455,7 @@ def _figures(out, model_name: str, cells: list[dict[str, Any]], layers: list[int
 def run(config: StudyConfig, **options: Any) -> dict:
     opts = Options(**options)
     if opts.quick:  # QUICK replaces the defaults; options given explicitly stay
-        defaults = Options()
-        opts = replace(opts, **{k: v for k, v in QUICK.items()
-                                if getattr(opts, k) == getattr(defaults, k)})
+        opts = with_quick(opts, QUICK)
     with torch_threads(opts.threads), StudyRun(STUDY, config, opts,
                                                ignore=("batch_size", "threads")) as study:
         model = study.load_model()

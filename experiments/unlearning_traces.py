@@ -84,6 +84,7 @@ from interp.studies import (
     option,
     options_parser,
     torch_threads,
+    with_quick,
 )
 from interp.training import Full, Named, TrainConfig, needle, train
 from interp.training import data as D
@@ -347,8 +348,9 @@ def _trace(before, after, top_before, top_after, reference) -> dict[str, float]:
 
 
 def effective_options(opts: Options) -> Options:
-    """The options with `QUICK` applied when `quick` is set."""
-    return replace(opts, **QUICK) if opts.quick else opts
+    """The options with `QUICK` applied where they have their defaults, when `quick` is set
+    (options given explicitly stay)."""
+    return with_quick(opts, QUICK) if opts.quick else opts
 
 
 def run(config: StudyConfig, **options: Any) -> dict:

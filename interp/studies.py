@@ -217,6 +217,19 @@ def _argparse_type(hint: Any) -> tuple[Any, bool]:
     return str, False
 
 
+def with_quick(options: T, quick: dict[str, Any]) -> T:
+    """`options` (a dataclass) with the `quick` table applied where an option still has its
+    default: `--quick` shrinks what the user did not set, and an option given explicitly
+    stays (`--quick --sigmas 0.3 1 3` runs those sigmas). An explicit value equal to the
+    default cannot be told apart from none and gives way to `quick`."""
+    bad = sorted(set(quick) - {f.name for f in dataclasses.fields(options)})
+    if bad:
+        raise ValueError(f"the quick table names options {bad} that {type(options).__name__} lacks")
+    defaults = type(options)()
+    return dataclasses.replace(options, **{k: v for k, v in quick.items()
+                                           if getattr(options, k) == getattr(defaults, k)})
+
+
 def check_options(options: Any) -> None:
     """Raise `StudyInputError` for a number below its field's `minimum` (the Python call's
     equivalent of the command line's check)."""

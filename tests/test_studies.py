@@ -111,3 +111,19 @@ def test_an_unwritable_output_directory_is_a_clear_error(tmp_path):
 def test_fingerprint_is_stable_and_order_free():
     assert studies.fingerprint({"a": 1, "b": [2]}) == studies.fingerprint({"b": [2], "a": 1})
     assert studies.fingerprint({"a": 1}) != studies.fingerprint({"a": 2})
+
+
+def test_quick_shrinks_only_the_options_left_at_their_defaults():
+    @dataclass
+    class Opts:
+        n: int = option(50, "items")
+        sigmas: tuple[float, ...] = option((0.1, 0.3), "scales")
+        quick: bool = option(False, "small")
+
+    table = {"n": 3, "sigmas": (1.0,)}
+    assert studies.with_quick(Opts(quick=True), table) == Opts(n=3, sigmas=(1.0,), quick=True)
+    # an option given explicitly stays; the others still shrink
+    assert studies.with_quick(Opts(sigmas=(0.3, 10.0), quick=True), table) == Opts(
+        n=3, sigmas=(0.3, 10.0), quick=True)
+    with pytest.raises(ValueError, match=r"names options \['typo'\] that Opts lacks"):
+        studies.with_quick(Opts(), {"typo": 1})
