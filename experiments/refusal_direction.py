@@ -16,19 +16,20 @@ The judge is substring matching: it misses refusals phrased otherwise and counts
 that contains a refusal phrase. Every completion and its judgement is saved, so read them.
 
 Needs a model with a chat template (the default `smollm2-135m-instruct`); a base model such as
-`gemma-3-270m` stops with an error that says so. Cost on a CPU: selection runs two batched
-forward passes over the validation prompts per candidate (6 positions x 24 layers on SmolLM2;
-`--layers` restricts them), generation `4 x n_test` completions of `--max-new-tokens`. With
-`--n-test 64` and the other defaults SmolLM2 took 46 min on a shared 2-core machine (37 min
-selection, 7 min generation).
+`gemma-3-270m` stops with an error that says so. Cost on a CPU: selection runs one batched
+forward pass of the harmless validation prompts per candidate (6 positions x 24 layers on
+SmolLM2; `--layers` restricts them), then the bypass and induce passes only for candidates
+that can be chosen (`--all-scores`: for all); generation `4 x n_test` completions of
+`--max-new-tokens`. With `--n-test 64` and the other defaults SmolLM2 took 1,306 s wall, 608 s
+CPU on a shared 2-core machine (the code before the behaviour toolkit: 4,025 s, 2,387 s CPU).
 
 Measured on SmolLM2-135M-Instruct (seed 0, 64 train / 16 val / 64 test prompts of each kind, 48
 tokens): it refuses 3 of 64 harmful test requests (0.05, 95% CI 0.02-0.13) and 1 of 64 harmless
 ones. No candidate passes the filters (7 of 138 keep the KL <= 0.1, none raises the harmless
-refusal score above 0), so the fallback (lowest bypass score) is taken: layer 2, position -4,
-whose ablation has KL 11 on harmless prompts and turns every completion into gibberish (0 of 64
-refusals, meaningless); adding it changes nothing (0 of 64 harmless refused). The model has no
-refusal direction to speak of at this size.
+refusal score above 0), so the fallback is taken: the lowest bypass score among those within
+the KL limit, layer 9, position -1 (KL 0.055). Ablating it leaves 2 of 64 harmful requests
+refused; adding it changes nothing (1 of 64 harmless refused). The model has no refusal
+direction to speak of at this size.
 
 Writes `results.json` (the report of `refusal_report`, with the per-prompt judgements and
 completions, the selection scores of every candidate, the intervals, timings) and prints a table.
@@ -225,9 +226,13 @@ def _print_table(results: dict, model: str) -> None:
           f"({report['n_eligible']} eligible candidates); validation KL {sel['kl']:.3f}, "
           f"bypass score {sel['bypass']:.2f}, induce score {sel['induce']:.2f}")
     if not sel["passed_filters"]:
+        limit = report["settings"].get("kl_threshold")
+        within = limit is None or sel["kl"] <= limit
         print("  NOTE: no candidate passed the filters; this direction is the fallback (lowest "
-              "bypass score), and with a large KL its ablation breaks the model rather than removing "
-              "refusal: read the completions")
+              "bypass score" + (" within the KL limit): the model may have no refusal direction "
+                                "that works both ways" if within else
+                                "; none is within the KL limit): its ablation may break the model "
+                                "rather than remove refusal") + "; read the completions")
     rates = report.get("refusal_rate")
     print(f"{'test prompts':<18}{'refusal score':>14}" + (f"{'refused':>10}{'rate':>7}{'95% CI':>15}"
                                                           if rates else ""))
