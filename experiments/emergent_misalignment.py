@@ -139,7 +139,8 @@ class Options:
     n_corpus: int = option(16, "WikiText-2 chunks for the perplexity check", minimum=1)
     batch_size: int = option(8, "examples per training micro-batch", minimum=1)
     gen_batch_size: int = option(32, "prompts per generation batch", minimum=1)
-    quick: bool = option(False, "tiny setting for a smoke run (overrides the options in QUICK)")
+    quick: bool = option(False, "tiny setting for a smoke run (QUICK, for the "
+                                  "options left at their defaults)")
     threads: int | None = option(None, "torch CPU threads (default: torch's own)", minimum=1)
 
 

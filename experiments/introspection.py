@@ -64,7 +64,8 @@ VARIANTS = ("ORIGINAL", "SKEPTICAL", "STRUCTURED_FORMAT", "UNPROMPTED")
 class Options:
     """The study's options (the command line is built from them)."""
 
-    quick: bool = option(False, "small setting for a CPU (overrides the sizes, see QUICK)")
+    quick: bool = option(False, "small setting for a CPU (QUICK, for the options left "
+                                  "at their defaults)")
     layers: Sequence[int] | None = option(None, "injection layers (default: every layer)")
     layer_fractions: Sequence[float] | None = option(None, "injection layers as fractions of "
                                                      "depth (instead of --layers)")

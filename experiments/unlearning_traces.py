@@ -156,7 +156,8 @@ class Options:
     sweep: bool = option(False, "only sweep learning rates on the first known concept")
     sweep_factors: Sequence[float] = option((0.3, 1.0, 3.0, 10.0), "--sweep: multiples of each "
                                         "method's learning rate", minimum=0.0)
-    quick: bool = option(False, "tiny setting for a smoke run (overrides the options in QUICK)")
+    quick: bool = option(False, "tiny setting for a smoke run (QUICK, for the "
+                                  "options left at their defaults)")
     gen_batch_size: int = option(16, "prompts per generation batch", minimum=1)
     threads: int | None = option(None, "torch CPU threads (default: torch's own)", minimum=1)
 

@@ -154,8 +154,7 @@ def test_yes_no_gap_equals_hand_logsumexp(tiny, template):
 
 def test_attribution_estimates_the_exact_ablation_effect_with_its_sign(tiny, template):
     """In the linear regime (a small injection) AtP's first-order estimate of each later
-    component's ablation effect is that effect, sign included; RelP is its own thing, but its
-    values are on the same convention (injected minus patched)."""
+    component's ablation effect (injected minus patched) is that effect, sign included."""
     torch.manual_seed(0)
     vecs = [torch.randn(tiny.cfg.d_model) for _ in range(2)]
     injections = [I.Injection(v, 0, 0.05) for v in vecs]
