@@ -51,7 +51,11 @@ pytestmark = [pytest.mark.filterwarnings("ignore:No Chromium found"),
               pytest.mark.filterwarnings("ignore:no candidate refusal direction passed")]
 
 #: Runs a study like `interp run ...` does, without PNG export (kaleido starts a browser).
-RUNNER = ("import sys; import interp.plots as p; p.find_chromium = lambda: None; "
+#: The study in a subprocess. SIGINT gets Python's own handler back: a shell that starts the
+#: test run in the background (`cmd &` without job control) makes its children ignore SIGINT,
+#: and a run that ignores it would finish instead of being interrupted.
+RUNNER = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+          "import interp.plots as p; p.find_chromium = lambda: None; "
           "from interp import cli; sys.exit(cli.main(sys.argv[1:]))")
 
 
