@@ -184,6 +184,19 @@ def test_resid_fix_through_head_outputs_equals_exact_patching_when_the_metric_is
     assert (pattern - exact).abs().max() > 1e-3  # the interaction term matters here
 
 
+def _sharp_two_layer_model(n_key_value_heads: int | None = None) -> HookedTransformer:
+    """Two rotary attention layers, no norms or MLPs; layer 1's queries scaled up so that its
+    pattern reacts strongly to a shift of its input stream (the second-order term is large)."""
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=16,
+                                  d_vocab=50, attn_only=True, normalization_type=None,
+                                  act_fn="gelu", seed=5, positional_embedding_type="rotary",
+                                  n_key_value_heads=n_key_value_heads)
+    model = HookedTransformer(cfg).eval()
+    with torch.no_grad():
+        model.blocks[1].attn.W_Q.mul_(12.0)
+    return model
+
+
 def _second_layer_change_by_hand(model, clean, corrupt, metric, frozen: str, inputs: str):
     """Per position p of a layer-0 residual site, `E - D`: E, the effect on the metric of
     replacing layer 1's `frozen` activation (its pattern, or its head outputs) by the one it
@@ -233,12 +246,7 @@ def test_resid_qk_fix_of_a_later_layer_equals_its_pattern_patched_by_hand():
     the last layer's pattern, so E is measured exactly by a hooked run), minus D, the first-order
     effect of that shift through layer 1's query and key inputs (autograd of the metric with
     respect to a scale on the shift)."""
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=16,
-                                  d_vocab=50, attn_only=True, normalization_type=None,
-                                  act_fn="gelu", seed=5, positional_embedding_type="rotary")
-    model = HookedTransformer(cfg).eval()
-    with torch.no_grad():
-        model.blocks[1].attn.W_Q.mul_(12.0)
+    model = _sharp_two_layer_model()
     clean, corrupt, metric = _pairs(model, batch=2, pos=6)
     kw = {"resid_through": "pattern"}
     one = atp_star(model, clean, corrupt, metric, ["resid"], qk_layers=1, **kw)["resid"].values[0]
@@ -280,13 +288,7 @@ def test_resid_fix_through_head_outputs_of_a_later_layer_equals_its_outputs_patc
     those it computes when its input stream at p is shifted by the site's delta (hooked run;
     the metric is affine in the last layer's z), D the first-order effect of that shift through
     layer 1's query, key and value inputs (autograd)."""
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=16,
-                                  d_vocab=50, attn_only=True, normalization_type=None,
-                                  act_fn="gelu", seed=5, positional_embedding_type="rotary",
-                                  n_key_value_heads=2)
-    model = HookedTransformer(cfg).eval()
-    with torch.no_grad():
-        model.blocks[1].attn.W_Q.mul_(12.0)
+    model = _sharp_two_layer_model(n_key_value_heads=2)
     clean, corrupt, metric = _pairs(model, batch=2, pos=6)
     kw = {"resid_through": "head_output"}
     one = atp_star(model, clean, corrupt, metric, ["resid"], qk_layers=1, **kw)["resid"].values[0]
