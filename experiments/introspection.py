@@ -15,7 +15,11 @@ A thin study over `interp.introspection`:
    **controls** (norm-matched random vectors; the yes-bias check on unrelated yes/no
    questions; prompt variants) and the **mechanism** (exact ablation / knock-in of every later
    attention and MLP output, AtP and RelP of the same metric to those outputs and to heads;
-   gate and evidence-carrier candidates among MLP neurons).
+   gate and evidence-carrier candidates among MLP neurons) and the same for **SAE latents**:
+   TopK SAEs trained on the corpus (`interp.saes.train_or_load`) at the MLP output right after
+   the injection layer (evidence carriers) and at the late MLP (>= 70% depth) whose exact
+   ablation moves the gap most (gates), attached with their error term; AtP and RelP to every
+   latent, the largest checked by exact single-latent ablation.
 4. **Trained bias** (the paper's experiment 14): one vector on the MLP output of
    `--bias-layer` trained on injected and control trials of training concepts; detection,
    identification and false alarms on held-out concepts before and after, per injection layer.
@@ -88,6 +92,11 @@ class Options:
     mechanism: bool = option(True, "skip the mechanism", negate="--no-mechanism")
     mechanism_concepts: int = option(8, "concepts for the mechanism", minimum=1)
     mechanism_stride: int = option(1, "every n-th later layer in the mechanism", minimum=1)
+    mechanism_saes: bool = option(True, "skip the SAE latents in the mechanism",
+                                  negate="--no-mechanism-saes")
+    sae_tokens: int = option(150_000, "corpus tokens per mechanism SAE", minimum=256)
+    sae_expansion: int = option(4, "mechanism SAE width / d_model", minimum=1)
+    sae_k: int = option(32, "active latents per token of the mechanism SAEs (TopK)", minimum=1)
     bias: bool = option(True, "skip the trained bias", negate="--no-bias")
     bias_layer: int | None = option(None, "meta-layer of the bias (default: ~70% depth)")
     bias_train_concepts: int = option(400, "training concepts (the paper: 400)", minimum=1)
@@ -107,6 +116,7 @@ class Options:
 QUICK = dict(layer_fractions=(0.3, 0.5, 0.7), strengths=(4.0, 16.0), relative_strengths=(1.0,),
              n_concepts=3, n_trials=1, n_forced=1, n_control_trials=2, control_samples=2,
              max_new_tokens=12, n_random=3, mechanism_concepts=3, mechanism_stride=3,
+             sae_tokens=30_000,
              bias_train_concepts=24, bias_held_out=6, bias_eval_concepts=3, bias_steps=20,
              bias_batch=4, bias_eval_layers=2, bias_relative_strengths=(1.0,))
 
@@ -326,7 +336,65 @@ def run_mechanism(sw: Sweep, best: dict[str, Any]) -> dict[str, Any]:
                       for lay, v in zip(later, mech["exact"][fam]["ablation"])),
                      key=lambda t: -abs(t[2]))[:5]
         mech["top_components"] = [{"family": f, "layer": lay, "ablation": v} for f, lay, v in top]
+        if o.mechanism_saes:
+            mech["latents"] = run_latents(sw, best, mech, vec, prompt, marker)
     return mech
+
+
+def latent_sites(n_layers: int, layer: int, mech: dict[str, Any]) -> dict[str, str]:
+    """The mechanism SAEs' hook points: `evidence` at the MLP output right after the injection
+    layer, `gate` at the late MLP output (>= 70% depth, else the last later layer) whose exact
+    ablation changed the gap most."""
+    later = mech["later_layers"]
+    ablation = dict(zip(later, mech["exact"]["mlp"]["ablation"]))
+    late = [lay for lay in later if lay >= 0.7 * (n_layers - 1)] or later[-1:]
+    gate = max(late, key=lambda lay: abs(ablation[lay]))
+    return {"evidence": f"blocks.{layer + 1}.hook_mlp_out", "gate": f"blocks.{gate}.hook_mlp_out"}
+
+
+def run_latents(sw: Sweep, best: dict[str, Any], mech: dict[str, Any], vec: torch.Tensor,
+                prompt: str, marker: I.Marker, top: int = 10, n_exact: int = 5) -> dict[str, Any]:
+    """The mechanism on SAE latents (module docstring): AtP / RelP to every latent of both
+    SAEs, exact ablation of the `n_exact` largest by |AtP| per SAE, gate and evidence latents."""
+    from scipy.stats import pearsonr
+
+    from interp.saes import attach, latent_hook_name, train_or_load
+
+    o, model = sw.opts, sw.model
+    layer, strength = best["layer"], best["strength"]
+    sites = latent_sites(model.cfg.n_layers, layer, mech)
+    hooks = sorted(set(sites.values()))
+    injections = [I.Injection(v, layer, strength) for v in vec]
+
+    def compute():
+        saes, info = train_or_load(model, hooks, "topk", k=o.sae_k, expansion=o.sae_expansion,
+                                   n_tokens=o.sae_tokens, seed=sw.seed, prefix="introspection")
+        out: dict[str, Any] = {"sites": sites, "saes": info, "per_sae": {}}
+        with attach(model, saes):
+            names = {h: latent_hook_name(h) for h in hooks}
+            atp = I.latent_attributions(model, prompt, marker, injections, list(names.values()))
+            relp = I.latent_attributions(model, prompt, marker, injections, list(names.values()),
+                                         rules=LRPRules.relp())
+            for h, n in names.items():
+                order = torch.argsort(atp[n].abs(), descending=True)
+                picked = order[:n_exact].tolist()
+                exact = I.latent_ablation_effects(model, prompt, marker, injections, n, picked)
+                out["per_sae"][h] = {
+                    "top_atp": [{"latent": j, "atp": float(atp[n][j]), "relp": float(relp[n][j]),
+                                 "exact": exact[i] if i < n_exact else None}
+                                for i, j in enumerate(order[:top].tolist())],
+                    "atp_sum": float(atp[n].sum()), "relp_sum": float(relp[n].sum()),
+                    "pearson_atp_relp": float(pearsonr(atp[n].tolist(), relp[n].tolist())[0])
+                    if atp[n].std() > 0 and relp[n].std() > 0 else None}
+            gate_hook = sites["gate"]
+            out["gates"] = I.gate_latents(model, prompt, marker, injections,
+                                          {gate_hook: saes[gate_hook]}, top)
+            strengths = sorted(set(o.strengths) | {strength})
+            out["evidence"] = I.evidence_latents(model, prompt, marker, vec, layer, strengths,
+                                                 sites["evidence"], top)
+        return out
+
+    return sw.cached("mechanism_latents", compute)
 
 
 def run_bias(sw: Sweep, best: dict[str, Any] | None) -> dict[str, Any]:
@@ -531,6 +599,15 @@ def _print_table(results: dict, model: str) -> None:
         print(f"  agreement with exact ablation (Pearson): {m['pearson_with_exact_ablation']}")
         print(f"  evidence carriers: {m['evidence']['n_monotone']} monotone neurons at layer "
               f"{m['evidence']['layer']}")
+        if "latents" in m:
+            lat = m["latents"]
+            for h, p in lat["per_sae"].items():
+                print(f"  SAE {h}: top latents by |AtP| " + ", ".join(
+                    f"{t['latent']} atp {t['atp']:+.3f} exact {t['exact']:+.3f}"
+                    for t in p["top_atp"] if t["exact"] is not None))
+            print(f"  gate latents: {[(g['latent'], round(g['push_control'], 3)) for g in lat['gates'][:5]]}")
+            print(f"  evidence latents: {lat['evidence']['n_monotone']} of "
+                  f"{lat['evidence']['n_latents']} monotone at {lat['sites']['evidence']}")
     if "trained_bias" in results:
         tb = results["trained_bias"]
         print(f"trained bias at layer {tb['meta_layer']}: loss {tb['loss_first']:.3f} -> "

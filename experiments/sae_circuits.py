@@ -39,15 +39,11 @@ from interp.hooks import hook_names
 from interp.results import write_results
 from interp.saes import (
     attach,
-    cache_activations,
     corpus_contexts,
     inspect_features,
-    load_local,
-    saes_dir,
-    train_sae,
+    train_or_load,
     write_feature_pages,
 )
-from interp.saes.activations import model_tag
 from interp.saes.circuits import ablation_means, faithfulness_curve, latent_families
 from interp.studies import StudyConfig, StudyInputError, check_minimum
 from interp.tasks.sva import TEMPLATES, generate_sva
@@ -117,7 +113,7 @@ def run(config: StudyConfig, layers: str | None = None, hook: str = "hook_resid_
     train_args = dict(architecture=architecture, k=k, expansion=expansion, n_tokens=n_tokens,
                       epochs=epochs, eval_tokens=eval_tokens, seed=config.seed)
     t0 = time.perf_counter()
-    saes, quality = _saes(model, hooks, **train_args)
+    saes, quality = train_or_load(model, hooks, prefix="circuits", **train_args)
     timings["saes"] = time.perf_counter() - t0
 
     pairs = generate_sva(model, n_pairs, seed=config.seed, templates=[template])
@@ -200,33 +196,6 @@ def run(config: StudyConfig, layers: str | None = None, hook: str = "hook_resid_
     _print(results)
     print(f"wrote {path}")
     return results
-
-
-def _saes(model, hooks: list[str], architecture: str, k: int, expansion: int, n_tokens: int,
-          epochs: float, eval_tokens: int, seed: int) -> tuple[dict, dict]:
-    """Load the SAEs saved by an earlier run with these settings; train the missing ones from
-    one shared activation cache."""
-    d_sae = expansion * model.cfg.d_model
-    tag = f"circuits-{architecture}-{d_sae}" + (f"-k{k}" if "topk" in architecture else "")
-    dirs = {h: saes_dir() / model_tag(model) / h / f"{tag}-n{n_tokens}-s{seed}" for h in hooks}
-    missing = [h for h in hooks if not (dirs[h] / "train_report.json").exists()]
-    cache = None
-    if missing:
-        tokens = corpus_contexts(model, "train", context_size=128, n_tokens=n_tokens, seed=seed)
-        cache = cache_activations(model, tokens, missing).path
-    saes, quality = {}, {}
-    for h in hooks:
-        if h in missing:
-            print(f"training {h} ...", flush=True)
-            train_sae(model, h, architecture, d_sae=d_sae, k=k, n_tokens=n_tokens, epochs=epochs,
-                      seed=seed, out_dir=dirs[h], activations=cache, eval_tokens=eval_tokens,
-                      eval_ce_tokens=eval_tokens // 2)
-        saes[h] = load_local(dirs[h], device=str(model.W_E.device))
-        report = json.loads((dirs[h] / "train_report.json").read_text())
-        quality[h] = {"dir": str(dirs[h]), "quality": report.get("quality"),
-                      "wall_s_train": report.get("wall_s_train"),
-                      "wall_s_total": report.get("wall_s_total"), "steps": report.get("steps")}
-    return saes, quality
 
 
 def _n_nodes(scores: dict) -> int:

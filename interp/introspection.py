@@ -95,8 +95,12 @@ __all__ = [
     "coherence_rate",
     "coherent",
     "component_effects",
+    "evidence_latents",
     "evidence_neurons",
+    "gate_latents",
     "gate_neurons",
+    "latent_ablation_effects",
+    "latent_attributions",
     "last_token_resid",
     "target_cross_entropy",
     "completion_perplexity",
@@ -717,6 +721,27 @@ def component_effects(model: HookedTransformer, prompt: str, marker: Marker,
     return out
 
 
+def _attributions(model: HookedTransformer, tokens: Tensor, inj_fwd: list, names: Sequence[str],
+                  rules: Any = None) -> dict[str, Tensor]:
+    """Per hook name, the first-order estimate of replacing the injected activation by the
+    control one, `-(control - injected) . grad` with the gradient of the mean Yes-No gap in
+    the injected run (AtP; RelP when `rules` is an `LRPRules`), summed over rows and positions
+    (the gradient is of the gap's mean over rows, so this estimates the change of that mean):
+    a tensor of the activation's trailing shape (`[d_model]`, `[n_heads, d_head]`, `[d_sae]`)."""
+    from interp.attribution.atp import activation_grads
+    from interp.attribution.lrp import lrp_rules
+
+    metric = _gap_metric(model)
+    with torch.no_grad():
+        _, ctrl_cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    if rules is None:
+        acts, grads, _ = activation_grads(model, tokens, metric, names, fwd_hooks=inj_fwd)
+    else:
+        with lrp_rules(model, rules):
+            acts, grads, _ = activation_grads(model, tokens, metric, names, fwd_hooks=inj_fwd)
+    return {n: -((ctrl_cache[n] - acts[n]) * grads[n]).float().sum(dim=(0, 1)) for n in names}
+
+
 def attribution_effects(model: HookedTransformer, prompt: str, marker: Marker,
                         injections: Sequence[Injection], layers: Sequence[int],
                         rules: Any = None) -> dict[str, Any]:
@@ -730,32 +755,92 @@ def attribution_effects(model: HookedTransformer, prompt: str, marker: Marker,
 
     Returns per family (`attn`, `mlp`: `[layer]`; `heads`: `[layer][head]`) lists.
     """
-    from interp.attribution.atp import activation_grads
-    from interp.attribution.lrp import lrp_rules
-
-    metric = _gap_metric(model)
     tokens, inj_hooks = _same_prompt_batch(model, prompt, marker, injections)
     names = {"attn": [f"blocks.{layer}.hook_attn_out" for layer in layers],
              "mlp": [f"blocks.{layer}.hook_mlp_out" for layer in layers],
              "heads": [f"blocks.{layer}.attn.hook_z" for layer in layers]}
     every = [n for ns in names.values() for n in ns]
-    inj_fwd = [fh for h in inj_hooks for fh in h.fwd_hooks()]
-    with torch.no_grad():
-        _, ctrl_cache = model.run_with_cache(tokens, names_filter=lambda n: n in every)
-    if rules is None:
-        acts, grads, _ = activation_grads(model, tokens, metric, every, fwd_hooks=inj_fwd)
-    else:
-        with lrp_rules(model, rules):
-            acts, grads, _ = activation_grads(model, tokens, metric, every, fwd_hooks=inj_fwd)
+    contrib = _attributions(model, tokens, [fh for h in inj_hooks for fh in h.fwd_hooks()],
+                            every, rules)
     out: dict[str, Any] = {"layers": list(layers)}
     for fam, ns in names.items():
-        vals = []
-        for n in ns:
-            contrib = -((ctrl_cache[n] - acts[n]) * grads[n]).float()
-            vals.append(contrib.sum(dim=(0, 1, 3)).tolist() if fam == "heads"
-                        else float(contrib.sum()))
-        out[fam] = vals
+        out[fam] = [contrib[n].sum(-1).tolist() if fam == "heads" else float(contrib[n].sum())
+                    for n in ns]
     return out
+
+
+def latent_attributions(model: HookedTransformer, prompt: str, marker: Marker,
+                        injections: Sequence[Injection], latent_names: Sequence[str],
+                        rules: Any = None) -> dict[str, Float[Tensor, " d_sae"]]:
+    """AtP (or, with `rules`, RelP) estimates of each SAE latent's ablation effect on the
+    Yes-No gap: for every latent hook name (`interp.saes.latent_hook_name`, SAEs attached with
+    their error term so the model's output is unchanged) the estimate of
+    `gap(injected) - gap(injected, that latent at its control value)` (the gap averaged over
+    rows, as in `attribution_effects`). Check the largest against `latent_ablation_effects`."""
+    tokens, inj_hooks = _same_prompt_batch(model, prompt, marker, injections)
+    return _attributions(model, tokens, [fh for h in inj_hooks for fh in h.fwd_hooks()],
+                         list(latent_names), rules)
+
+
+def latent_ablation_effects(model: HookedTransformer, prompt: str, marker: Marker,
+                            injections: Sequence[Injection], latent_name: str,
+                            latents: Sequence[int]) -> list[float]:
+    """Exact ablation of single SAE latents: for each latent, `gap(injected) -
+    gap(injected, that latent set to its control-run value at every position)`, the gap
+    averaged over rows (what `latent_attributions` estimates). With the SAE's error term, moving one latent
+    moves the SAE's output by exactly that latent's decoder row times the change."""
+    metric = _gap_metric(model)
+    tokens, inj_hooks = _same_prompt_batch(model, prompt, marker, injections)
+    inj_fwd = [fh for h in inj_hooks for fh in h.fwd_hooks()]
+
+    def gap(fwd: list) -> float:
+        with model.hooks(fwd_hooks=fwd):
+            resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+        return float(metric(last_position_logits(model, resid).float()).mean())
+
+    with torch.no_grad():
+        _, ctrl = model.run_with_cache(tokens, names_filter=latent_name)
+        control = ctrl[latent_name]
+        base = gap(inj_fwd)
+        out = []
+        for j in latents:
+            def put(act: Tensor, hook: Any, j: int = j) -> Tensor:
+                act = act.clone()
+                act[..., j] = control[..., j]
+                return act
+            out.append(base - gap(inj_fwd + [(latent_name, put)]))
+    return out
+
+
+def _gate_rows(direct: Tensor, a_ctrl: Tensor, a_inj: Tensor, top: int) -> list[dict[str, Any]]:
+    """The `top` units with the most negative `direct * a_ctrl` (negative ones only)."""
+    push = direct * a_ctrl
+    return [{"index": k, "direct_effect": float(direct[k]), "act_control": float(a_ctrl[k]),
+             "act_injected": float(a_inj[k]), "push_control": float(push[k]),
+             "push_change": float(direct[k] * (a_inj[k] - a_ctrl[k]))}
+            for k in torch.argsort(push)[:top].tolist() if push[k] < 0]
+
+
+def _gate_candidates(model: HookedTransformer, prompt: str, marker: Marker,
+                     injections: Sequence[Injection], writers: dict[str, Tensor], top: int
+                     ) -> list[dict[str, Any]]:
+    """Gate rows over `writers` (`{activation hook name: [units, d_model] output directions}`),
+    the `top` of all of them by push, each with its hook name as `site`."""
+    yes, no = yes_no_tokens(model)
+    direction = (model.W_U[:, yes].mean(1) - model.W_U[:, no].mean(1)).detach().float()
+    tokens, inj_hooks = _same_prompt_batch(model, prompt, marker, injections)
+    names = list(writers)
+    with torch.no_grad():
+        _, ctrl = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        with model.hooks(fwd_hooks=[fh for h in inj_hooks for fh in h.fwd_hooks()]):
+            _, inj = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    rows = []
+    for n, w in writers.items():
+        direct = w.detach().float() @ direction
+        rows += [{"site": n, **r} for r in _gate_rows(direct, ctrl[n][:, -1].float().mean(0),
+                                                      inj[n][:, -1].float().mean(0), top)]
+    rows.sort(key=lambda r: r["push_control"])
+    return rows[:top]
 
 
 def gate_neurons(model: HookedTransformer, prompt: str, marker: Marker,
@@ -767,31 +852,52 @@ def gate_neurons(model: HookedTransformer, prompt: str, marker: Marker,
     nothing is injected); with each one's activation under injection.
 
     The direct effect is `W_out[n] . (mean W_U[:, Yes] - mean W_U[:, No])`, which ignores the
-    final norm's scale. (The paper ranks transcoder latents the same way; neurons stand in
-    where no SAE is trained.)
+    final norm's scale. (The paper ranks transcoder latents the same way; `gate_latents` does
+    it for SAE latents.)
     """
-    yes, no = yes_no_tokens(model)
-    direction = (model.W_U[:, yes].mean(1) - model.W_U[:, no].mean(1)).detach().float()
-    tokens, inj_hooks = _same_prompt_batch(model, prompt, marker, injections)
-    names = [f"blocks.{layer}.mlp.hook_post" for layer in layers]
+    writers = {f"blocks.{layer}.mlp.hook_post": model.blocks[layer].mlp.W_out for layer in layers}
+    rows = _gate_candidates(model, prompt, marker, injections, writers, top)
+    return [{"layer": int(r["site"].split(".")[1]), "neuron": r.pop("index"),
+             **{k: v for k, v in r.items() if k != "site"}} for r in rows]
+
+
+def gate_latents(model: HookedTransformer, prompt: str, marker: Marker,
+                 injections: Sequence[Injection], saes: dict[str, Any], top: int = 10
+                 ) -> list[dict[str, Any]]:
+    """`gate_neurons` for SAE latents: `saes` maps each attached SAE's hook name to the SAE, and
+    a latent's output direction is its decoder row `W_dec[j]` (in the hook point's units). For
+    SAEs on `hook_mlp_out` or on the residual stream that row is what the latent writes to the
+    residual stream. Rows carry `site` (the latent hook name) and `latent`."""
+    from interp.saes import latent_hook_name
+
+    writers = {latent_hook_name(h): sae.W_dec for h, sae in saes.items()}
+    rows = _gate_candidates(model, prompt, marker, injections, writers, top)
+    return [{"site": r.pop("site"), "latent": r.pop("index"), **r} for r in rows]
+
+
+def _monotone_units(model: HookedTransformer, prompt: str, marker: Marker,
+                    vectors: Float[Tensor, "n d_model"], layer: int, strengths: Sequence[float],
+                    name: str, stop_at_layer: int, top: int) -> dict[str, Any]:
+    """Units of activation `name` whose mean at the answer position, over the concepts
+    `vectors` injected at `layer`, grows strictly with the strength (0 included)."""
+    levels = [0.0, *sorted(strengths)]
+    means = []
     with torch.no_grad():
-        _, ctrl = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-        with model.hooks(fwd_hooks=[fh for h in inj_hooks for fh in h.fwd_hooks()]):
-            _, inj = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    rows = []
-    for layer, n in zip(layers, names):
-        direct = model.blocks[layer].mlp.W_out.detach().float() @ direction
-        a_ctrl = ctrl[n][:, -1].float().mean(0)
-        a_inj = inj[n][:, -1].float().mean(0)
-        push = direct * a_ctrl
-        for k in torch.argsort(push)[:top].tolist():
-            if push[k] < 0:
-                rows.append({"layer": layer, "neuron": k, "direct_effect": float(direct[k]),
-                             "act_control": float(a_ctrl[k]), "act_injected": float(a_inj[k]),
-                             "push_control": float(push[k]),
-                             "push_change": float(direct[k] * (a_inj[k] - a_ctrl[k]))})
-    rows.sort(key=lambda r: r["push_control"])
-    return rows[:top]
+        for s in levels:
+            injections = [Injection(v, layer, s) for v in vectors]
+            tokens, hooks = _same_prompt_batch(model, prompt, marker, injections)
+            with model.hooks(fwd_hooks=[fh for h in hooks for fh in h.fwd_hooks()]):
+                _, cache = model.run_with_cache(tokens, names_filter=name,
+                                                stop_at_layer=stop_at_layer)
+            means.append(cache[name][:, -1].float().mean(0).cpu())
+    table = torch.stack(means)  # [level, units]
+    monotone = (table.diff(dim=0) > 0).all(dim=0)
+    rise = table[-1] - table[0]
+    picked = [int(k) for k in torch.argsort(rise, descending=True).tolist() if monotone[k]][:top]
+    return {"site": name, "strengths": levels, "n_monotone": int(monotone.sum()),
+            "n_units": int(table.shape[1]),
+            "top": [{"index": k, "rise": float(rise[k]), "means": table[:, k].tolist()}
+                    for k in picked]}
 
 
 def evidence_neurons(model: HookedTransformer, prompt: str, marker: Marker,
@@ -806,21 +912,29 @@ def evidence_neurons(model: HookedTransformer, prompt: str, marker: Marker,
     """
     if layer + 1 >= model.cfg.n_layers:
         return {"layer": None, "n_monotone": 0, "top": []}
-    name = f"blocks.{layer + 1}.mlp.hook_post"
-    levels = [0.0, *sorted(strengths)]
-    means = []
-    with torch.no_grad():
-        for s in levels:
-            injections = [Injection(v, layer, s) for v in vectors]
-            tokens, hooks = _same_prompt_batch(model, prompt, marker, injections)
-            with model.hooks(fwd_hooks=[fh for h in hooks for fh in h.fwd_hooks()]):
-                _, cache = model.run_with_cache(tokens, names_filter=name, stop_at_layer=layer + 2)
-            means.append(cache[name][:, -1].float().mean(0).cpu())
-    table = torch.stack(means)  # [level, d_mlp]
-    monotone = (table.diff(dim=0) > 0).all(dim=0)
-    rise = table[-1] - table[0]
-    picked = [int(k) for k in torch.argsort(rise, descending=True).tolist() if monotone[k]][:top]
-    return {"layer": layer + 1, "strengths": levels, "n_monotone": int(monotone.sum()),
-            "d_mlp": int(table.shape[1]),
-            "top": [{"neuron": k, "rise": float(rise[k]), "means": table[:, k].tolist()}
-                    for k in picked]}
+    found = _monotone_units(model, prompt, marker, vectors, layer, strengths,
+                            f"blocks.{layer + 1}.mlp.hook_post", layer + 2, top)
+    return {"layer": layer + 1, "strengths": found["strengths"],
+            "n_monotone": found["n_monotone"], "d_mlp": found["n_units"],
+            "top": [{"neuron": t["index"], "rise": t["rise"], "means": t["means"]}
+                    for t in found["top"]]}
+
+
+def evidence_latents(model: HookedTransformer, prompt: str, marker: Marker,
+                     vectors: Float[Tensor, "n d_model"], layer: int, strengths: Sequence[float],
+                     sae_hook: str, top: int = 10) -> dict[str, Any]:
+    """`evidence_neurons` for the latents of the SAE attached at `sae_hook` (a hook of a block
+    after `layer`, e.g. `blocks.{layer + 1}.hook_mlp_out`): the latents whose mean activation at
+    the answer position grows strictly with the injection strength (0 included)."""
+    from interp.saes import latent_hook_name
+
+    block = int(sae_hook.split(".")[1])
+    if block <= layer:
+        raise ValueError(f"evidence_latents: the SAE at {sae_hook} is not after the injection "
+                         f"layer {layer}; attach one at a later block")
+    found = _monotone_units(model, prompt, marker, vectors, layer, strengths,
+                            latent_hook_name(sae_hook), block + 1, top)
+    n_latents = found.pop("n_units")
+    return {**found, "n_latents": n_latents,
+            "top": [{"latent": t["index"], "rise": t["rise"], "means": t["means"]}
+                    for t in found["top"]]}

@@ -281,3 +281,91 @@ def test_trained_bias_learns_a_planted_rule(tiny_chat_model_dir, template):
     assert (a1 > 0).all() and (b1 < 0).all(), (a1, b1)
     for n, p in tiny.named_parameters():  # everything else frozen and unchanged
         assert torch.equal(p, weights[n])
+
+
+def _relu_sae(d_in: int, d_sae: int, hook_name: str, seed: int = 0):
+    """A ReLU SAE with random weights, its metadata naming `hook_name`."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=gen) / d_in**0.5)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=gen) / d_in**0.5)
+        sae.b_enc.copy_(0.1 * torch.randn(d_sae, generator=gen))
+        sae.b_dec.zero_()
+    sae.cfg.metadata.hook_name = hook_name
+    return sae
+
+
+def test_latent_attributions_estimate_single_latent_ablations(tiny, template):
+    """AtP to SAE latents (attached with the error term) equals the exact effect of setting
+    each latent to its control value, in the linear regime; the model's gap is unchanged by
+    attaching."""
+    from interp.saes import attach, latent_hook_name
+
+    hook = "blocks.2.hook_mlp_out"
+    sae = _relu_sae(tiny.cfg.d_model, 48, hook)
+    torch.manual_seed(1)
+    injections = [I.Injection(torch.randn(tiny.cfg.d_model), 0, 0.05) for _ in range(2)]
+    prompt, marker = I.trial_prompt(tiny, template, 1), I.injection_marker(1)
+    before = I.component_effects(tiny, prompt, marker, injections, [3])
+    with attach(tiny, {hook: sae}, skip_first=0):
+        name = latent_hook_name(hook)
+        after = I.component_effects(tiny, prompt, marker, injections, [3])
+        atp = I.latent_attributions(tiny, prompt, marker, injections, [name])[name]
+        assert atp.shape == (48,)
+        top = torch.argsort(atp.abs(), descending=True)[:6].tolist()
+        exact = torch.tensor(I.latent_ablation_effects(tiny, prompt, marker, injections, name, top))
+    assert after["gap_injected"] == pytest.approx(before["gap_injected"], abs=1e-5)
+    assert exact.abs().max() > 1e-7  # the injection reaches the latents
+    torch.testing.assert_close(atp[top], exact, rtol=0.1, atol=0.05 * float(exact.abs().max()))
+
+
+def test_gate_latents_rank_by_decoder_direct_effect_times_control_activation(tiny, template):
+    """Gate latents against a hand computation from `run_with_cache`: direct effect =
+    W_dec[j] . (mean W_U[:, Yes] - mean W_U[:, No]), push = direct effect x the control
+    activation at the last position; only negative pushes, most negative first."""
+    from interp.saes import attach, latent_hook_name
+
+    hook = "blocks.3.hook_mlp_out"
+    sae = _relu_sae(tiny.cfg.d_model, 40, hook, seed=2)
+    injections = [I.Injection(torch.randn(tiny.cfg.d_model), 1, 1.0)]
+    prompt, marker = I.trial_prompt(tiny, template, 1), I.injection_marker(1)
+    yes, no = I.yes_no_tokens(tiny)
+    direction = tiny.W_U[:, yes].mean(1) - tiny.W_U[:, no].mean(1)
+    with attach(tiny, {hook: sae}, skip_first=0):
+        rows = I.gate_latents(tiny, prompt, marker, injections, {hook: sae}, top=5)
+        name = latent_hook_name(hook)
+        ids = torch.tensor([token_lists(tiny, [prompt])[0]])  # the tokens the study runs
+        _, cache = tiny.run_with_cache(ids, names_filter=name)
+    push = (sae.W_dec.detach() @ direction.detach()) * cache[name][0, -1]
+    want = [j for j in torch.argsort(push)[:5].tolist() if push[j] < 0]
+    assert want, "the random SAE should have some latent pushing towards No"
+    assert [r["latent"] for r in rows] == want
+    for r in rows:
+        assert r["site"] == name
+        assert r["push_control"] == pytest.approx(float(push[r["latent"]]), rel=1e-4, abs=1e-6)
+
+
+def test_evidence_latents_find_a_planted_reader_of_the_injected_vector(tiny, template):
+    """A latent whose encoder reads the injected direction rises strictly with the strength
+    and tops the list; an SAE before the injection is refused."""
+    from interp.saes import attach
+
+    hook = "blocks.2.hook_resid_pre"  # right after the injection at blocks.1.hook_resid_post
+    sae = _relu_sae(tiny.cfg.d_model, 32, hook, seed=3)
+    torch.manual_seed(4)
+    v = torch.randn(tiny.cfg.d_model)
+    with torch.no_grad():
+        sae.W_enc[:, 7] = 10 * v / v.norm()
+        sae.b_enc[7] = 50.0  # active at strength 0 too, so every step is a strict rise
+    prompt, marker = I.trial_prompt(tiny, template, 1), I.injection_marker(1)
+    with attach(tiny, {hook: sae}, skip_first=0):
+        found = I.evidence_latents(tiny, prompt, marker, v[None], 1, [1.0, 2.0, 4.0], hook)
+        with pytest.raises(ValueError, match="not after the injection layer"):
+            I.evidence_latents(tiny, prompt, marker, v[None], 2, [1.0], hook)
+    assert found["n_latents"] == 32 and found["strengths"] == [0.0, 1.0, 2.0, 4.0]
+    assert found["top"][0]["latent"] == 7
+    means = found["top"][0]["means"]
+    assert all(b > a for a, b in zip(means, means[1:]))

@@ -7,7 +7,8 @@ an offline workbench on `interp.models` models:
 - `attach`: splice SAEs into a `HookedTransformer` with a gradient-exact error term, latents as
   model hook points (`<hook>.hook_sae_acts_post`);
 - `corpus`, `activations`, `train`: corpus contexts, on-disk activation caches, training with
-  SAELens's runner (`train_sae`) or trainer (`train_on_activations`);
+  SAELens's runner (`train_sae`) or trainer (`train_on_activations`), `train_or_load` (the
+  SAEs of a study: loaded when saved before with the same settings, else trained);
 - `quality`: held-out FVE, L0, CE loss recovered, dead and dense latents;
 - `features`, `pages`: top-activating contexts, density, decoder logit lens, HTML pages.
 """
@@ -48,6 +49,7 @@ from interp.saes.train import (
     TrainReport,
     to_inference,
     train_on_activations,
+    train_or_load,
     train_sae,
     training_architectures,
 )
@@ -87,6 +89,7 @@ __all__ = [
     "to_inference",
     "top_contexts",
     "train_on_activations",
+    "train_or_load",
     "train_sae",
     "training_architectures",
     "write_feature_pages",

@@ -62,7 +62,7 @@ from transformer_lens import HookedTransformer
 from interp import models
 from interp.saes.activations import cache_activations, model_tag
 from interp.saes.corpus import HELDOUT_FILES, TRAIN_FILES, corpus_contexts
-from interp.saes.load import saes_dir
+from interp.saes.load import load_local, saes_dir
 from interp.saes.quality import Quality, evaluate
 
 __all__ = [
@@ -71,6 +71,7 @@ __all__ = [
     "default_out_dir",
     "to_inference",
     "train_on_activations",
+    "train_or_load",
     "train_sae",
     "training_architectures",
     "training_sae_config",
@@ -395,6 +396,52 @@ def train_sae(
     if verbose:
         print(report.summary(), flush=True)
     return sae, report
+
+
+def train_or_load(
+    model: HookedTransformer,
+    hook_names: list[str],
+    architecture: str = "topk",
+    *,
+    k: int | None = 32,
+    expansion: int = 4,
+    n_tokens: int = 60_000,
+    epochs: float = 2.0,
+    eval_tokens: int = 4096,
+    seed: int = 0,
+    prefix: str = "trained",
+    verbose: bool = True,
+) -> tuple[dict[str, SAE], dict[str, dict[str, Any]]]:
+    """SAEs at `hook_names`, loaded when a run with the same settings saved them before, else
+    trained (`train_sae`) from one shared activation cache over the corpus.
+
+    Each SAE lives in `saes_dir()/<model>/<hook>/<prefix>-<architecture>-<d_sae>[-k<k>]-n<n_tokens>-s<seed>`
+    (the settings that decide it, so a directory is never reused for other ones; `epochs` and
+    `eval_tokens` are left out, as before). Returns `{hook: SAE}` and `{hook: {"dir", "quality",
+    "wall_s_train", "wall_s_total", "steps"}}` from each SAE's `train_report.json`.
+    """
+    d_sae = expansion * model.cfg.d_model
+    tag = f"{prefix}-{architecture}-{d_sae}" + (f"-k{k}" if architecture in TOPK_FAMILY else "")
+    dirs = {h: saes_dir() / model_tag(model) / h / f"{tag}-n{n_tokens}-s{seed}" for h in hook_names}
+    missing = [h for h in hook_names if not (dirs[h] / "train_report.json").exists()]
+    cache = None
+    if missing:
+        tokens = corpus_contexts(model, "train", context_size=128, n_tokens=n_tokens, seed=seed)
+        cache = cache_activations(model, tokens, missing).path
+    saes, info = {}, {}
+    for h in hook_names:
+        if h in missing:
+            if verbose:
+                print(f"training {h} ...", flush=True)
+            train_sae(model, h, architecture, d_sae=d_sae, k=k, n_tokens=n_tokens, epochs=epochs,
+                      seed=seed, out_dir=dirs[h], activations=cache, eval_tokens=eval_tokens,
+                      eval_ce_tokens=eval_tokens // 2, verbose=verbose)
+        saes[h] = load_local(dirs[h], device=str(model.W_E.device))
+        report = json.loads((dirs[h] / "train_report.json").read_text())
+        info[h] = {"dir": str(dirs[h]), "quality": report.get("quality"),
+                   "wall_s_train": report.get("wall_s_train"),
+                   "wall_s_total": report.get("wall_s_total"), "steps": report.get("steps")}
+    return saes, info
 
 
 def train_on_activations(

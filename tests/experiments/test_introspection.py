@@ -18,7 +18,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:No Chromium found")
 ARGS = ["--quick", "--n-concepts", "2", "--layer-fractions", "0.3", "0.7", "--strengths", "4",
         "--max-new-tokens", "4", "--variants", "ORIGINAL", "UNPROMPTED", "--n-random", "2",
         "--bias-train-concepts", "4", "--bias-held-out", "2", "--bias-eval-concepts", "2",
-        "--bias-steps", "2", "--bias-eval-layers", "1"]
+        "--bias-steps", "2", "--bias-eval-layers", "1", "--sae-tokens", "4096", "--sae-expansion",
+        "2", "--sae-k", "4"]
 
 
 def _trials(rows):
@@ -69,6 +70,15 @@ def test_study_end_to_end_on_a_tiny_model(tiny_chat_model_dir, tmp_path, monkeyp
     assert len(mech["exact"]["mlp"]["ablation"]) == len(later) == len(mech["relp"]["attn"])
     assert len(mech["atp"]["heads"][0]) == 4  # heads per layer
     assert mech["evidence"]["n_monotone"] <= mech["evidence"]["d_mlp"]
+    lat = mech["latents"]  # SAEs trained at the evidence and gate MLP outputs
+    assert lat["sites"]["evidence"] == f"blocks.{best['layer'] + 1}.hook_mlp_out"
+    assert set(lat["per_sae"]) == set(lat["sites"].values()) == set(lat["saes"])
+    for p in lat["per_sae"].values():
+        assert len(p["top_atp"]) == 10
+        assert [abs(t["atp"]) for t in p["top_atp"]] == sorted(
+            (abs(t["atp"]) for t in p["top_atp"]), reverse=True)
+        assert sum(t["exact"] is not None for t in p["top_atp"]) == 5
+    assert lat["evidence"]["n_latents"] == 2 * 64
 
     bias = results["trained_bias"]
     assert len(bias["losses"]) == 2 and bias["n_train_concepts"] == 4
