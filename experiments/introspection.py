@@ -355,7 +355,8 @@ def latent_sites(n_layers: int, layer: int, mech: dict[str, Any]) -> dict[str, s
 def run_latents(sw: Sweep, best: dict[str, Any], mech: dict[str, Any], vec: torch.Tensor,
                 prompt: str, marker: I.Marker, top: int = 10, n_exact: int = 5) -> dict[str, Any]:
     """The mechanism on SAE latents (module docstring): AtP / RelP to every latent of both
-    SAEs, exact ablation of the `n_exact` largest by |AtP| per SAE, gate and evidence latents."""
+    SAEs and to their error terms (latents + error = the MLP output's own estimate), exact
+    ablation of the `n_exact` largest by |AtP| per SAE, gate and evidence latents."""
     from scipy.stats import pearsonr
 
     from interp.saes import attach, latent_hook_name, train_or_load
@@ -372,8 +373,10 @@ def run_latents(sw: Sweep, best: dict[str, Any], mech: dict[str, Any], vec: torc
         out: dict[str, Any] = {"sites": sites, "saes": info, "per_sae": {}}
         with attach(model, saes):
             names = {h: latent_hook_name(h) for h in hooks}
-            atp = I.latent_attributions(model, prompt, marker, injections, list(names.values()))
-            relp = I.latent_attributions(model, prompt, marker, injections, list(names.values()),
+            errors = {h: latent_hook_name(h, "error") for h in hooks}
+            sites_all = [*names.values(), *errors.values()]
+            atp = I.latent_attributions(model, prompt, marker, injections, sites_all)
+            relp = I.latent_attributions(model, prompt, marker, injections, sites_all,
                                          rules=LRPRules.relp())
             for h, n in names.items():
                 order = torch.argsort(atp[n].abs(), descending=True)
@@ -384,6 +387,9 @@ def run_latents(sw: Sweep, best: dict[str, Any], mech: dict[str, Any], vec: torc
                                  "exact": exact[i] if i < n_exact else None}
                                 for i, j in enumerate(order[:top].tolist())],
                     "atp_sum": float(atp[n].sum()), "relp_sum": float(relp[n].sum()),
+                    # what the SAE misses: its error term's share of the component's effect
+                    "error_atp": float(atp[errors[h]].sum()),
+                    "error_relp": float(relp[errors[h]].sum()),
                     "pearson_atp_relp": float(pearsonr(atp[n].tolist(), relp[n].tolist())[0])
                     if atp[n].std() > 0 and relp[n].std() > 0 else None}
             gate_hook = sites["gate"]
@@ -602,7 +608,8 @@ def _print_table(results: dict, model: str) -> None:
         if "latents" in m:
             lat = m["latents"]
             for h, p in lat["per_sae"].items():
-                print(f"  SAE {h}: top latents by |AtP| " + ", ".join(
+                print(f"  SAE {h} (FVE {lat['saes'][h]['quality']['fve']:.2f}): AtP latents "
+                      f"{p['atp_sum']:+.3f}, error {p['error_atp']:+.3f}; top latents by |AtP| " + ", ".join(
                     f"{t['latent']} atp {t['atp']:+.3f} exact {t['exact']:+.3f}"
                     for t in p["top_atp"] if t["exact"] is not None))
             print(f"  gate latents: {[(g['latent'], round(g['push_control'], 3)) for g in lat['gates'][:5]]}")

@@ -78,6 +78,10 @@ def test_study_end_to_end_on_a_tiny_model(tiny_chat_model_dir, tmp_path, monkeyp
         assert [abs(t["atp"]) for t in p["top_atp"]] == sorted(
             (abs(t["atp"]) for t in p["top_atp"]), reverse=True)
         assert sum(t["exact"] is not None for t in p["top_atp"]) == 5
+    for h, p in lat["per_sae"].items():  # latents + error = the MLP output (z -> out linear)
+        i = mech["later_layers"].index(int(h.split(".")[1]))
+        assert p["atp_sum"] + p["error_atp"] == pytest.approx(mech["atp"]["mlp"][i], rel=1e-3,
+                                                              abs=1e-5)
     assert lat["evidence"]["n_latents"] == 2 * 64
 
     bias = results["trained_bias"]
