@@ -470,9 +470,20 @@ def analyse(runs: list[dict[str, Any]], organism: dict[str, Any], sim: torch.Ten
                     "mean_recovered": sum(c_rate[d] - rate[d] for d in others) / len(others),
                     "spread_unlearned": row["spread"],
                     "spread_contained": sum(base[d] - c_rate[d] for d in others) / len(others),
+                    "target_drop_unlearned": drop[target],
                     "target_compliance_cost": c_rate[target] - rate[target]})
     claims = _claims(rows, contain, corr)
     return {"rows": rows, "containment": contain, "correlation": corr, "claims": claims}
+
+
+def _contained(c: dict[str, Any]) -> bool:
+    """The spread is more than halved while the target stays at least half unlearned.
+
+    ``target_compliance_cost`` is the refusal the contained run keeps on the target over the
+    unlearned run's; the target drop of the unlearned run is what the cost is measured against.
+    """
+    return (c["spread_contained"] < 0.5 * c["spread_unlearned"]
+            and c["target_compliance_cost"] <= 0.5 * c["target_drop_unlearned"])
 
 
 def _claims(rows, contain, corr) -> dict[str, Any]:
@@ -502,12 +513,13 @@ def _claims(rows, contain, corr) -> dict[str, Any]:
             "claim": PAPER["findings"]["containment"],
             "measured": [{k: c[k] for k in ("target", "method", "scope", "spread_unlearned",
                                             "spread_contained", "mean_recovered",
-                                            "target_compliance_cost")} for c in contain],
-            "holds_in": sum(c["spread_contained"] < 0.5 * c["spread_unlearned"]
-                            for c in contain if c["spread_unlearned"] > 0),
+                                            "target_drop_unlearned", "target_compliance_cost")}
+                         for c in contain],
+            "holds_in": sum(_contained(c) for c in contain if c["spread_unlearned"] > 0),
             "of": sum(c["spread_unlearned"] > 0 for c in contain),
-            "rule": "holds where the contained spread is under half the unlearned spread "
-                    "(among runs with a positive spread)"}
+            "rule": "holds where the contained spread is under half the unlearned spread and the "
+                    "target keeps at least half of its unlearning (among runs with a positive "
+                    "spread): a retain term that stops the target's unlearning contains nothing"}
     early = [c for c in corr if c["band"] == "early"]
     if early:
         out["early_similarity"] = {

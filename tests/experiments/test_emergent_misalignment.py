@@ -110,3 +110,33 @@ def test_grid_and_quick_settings():
     with pytest.raises(StudyInputError, match="method:scope"):
         grid(Options(pairs=["npo"]))
     assert set(QUICK) <= set(Options.__dataclass_fields__)
+
+
+@pytest.mark.parametrize(("contained_rates", "holds"), [
+    ({"target": 0.25, "others": 0.75}, True),   # spread 1.0 -> 0.25, target keeps 0.75 of its drop
+    ({"target": 1.00, "others": 1.00}, False),  # no spread, but the target was not unlearned
+    ({"target": 0.50, "others": 1.00}, True),   # half the target's unlearning kept: the boundary
+    ({"target": 0.00, "others": 0.25}, False),  # target fully unlearned, spread only 1.0 -> 0.75
+])
+def test_containment_needs_the_target_still_unlearned(contained_rates, holds):
+    """The verdict on the paper's containment claim, on rates written by hand: a retain term
+    that stops the target's unlearning is not containment (Gemma's quick grid did exactly that)."""
+    from experiments.emergent_misalignment import analyse
+
+    def rates(target_rate, other_rate):
+        return {d: {"rate": target_rate if d == "cybersecurity" else other_rate}
+                for d in [*DOMAINS, "harmless"]}
+
+    organism = {d: {"rate": 1.0} for d in DOMAINS}
+    runs = [{"target": "cybersecurity", "method": "npo", "scope": "lora", "kind": kind,
+             "refusal": rates(*r)}
+            for kind, r in [("unlearned", (0.0, 0.0)),
+                            ("contained", (contained_rates["target"], contained_rates["others"]))]]
+    sim = torch.eye(7).expand(3, 7, 7)
+    a = analyse(runs, organism, sim, {"early": [1], "late": [2]}, Options())
+    (c,) = a["containment"]
+    assert c["spread_unlearned"] == 1.0
+    assert c["spread_contained"] == pytest.approx(1.0 - contained_rates["others"])
+    assert c["target_compliance_cost"] == contained_rates["target"]
+    assert a["claims"]["containment"]["holds_in"] == int(holds)
+    assert a["claims"]["containment"]["of"] == 1
