@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -676,6 +676,14 @@ def _gap_metric(model: HookedTransformer) -> LogSumExpDiff:
     return LogSumExpDiff([yes], [no])
 
 
+def _mean_gap(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], metric: LogSumExpDiff,
+              fwd_hooks: list) -> float:
+    """The Yes - No gap at the last position, averaged over rows, under `fwd_hooks`."""
+    with model.hooks(fwd_hooks=fwd_hooks):
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+    return float(metric(last_position_logits(model, resid).float()).mean())
+
+
 def component_effects(model: HookedTransformer, prompt: str, marker: Marker,
                       injections: Sequence[Injection], layers: Sequence[int]
                       ) -> dict[str, Any]:
@@ -700,9 +708,7 @@ def component_effects(model: HookedTransformer, prompt: str, marker: Marker,
     inj_fwd = [fh for h in inj_hooks for fh in h.fwd_hooks()]
 
     def gap(fwd: list) -> float:
-        with model.hooks(fwd_hooks=fwd):
-            resid = model(tokens, stop_at_layer=model.cfg.n_layers)
-        return float(metric(last_position_logits(model, resid).float()).mean())
+        return _mean_gap(model, tokens, metric, fwd)
 
     with torch.no_grad():
         with model.hooks(fwd_hooks=inj_fwd):
@@ -794,9 +800,7 @@ def latent_ablation_effects(model: HookedTransformer, prompt: str, marker: Marke
     inj_fwd = [fh for h in inj_hooks for fh in h.fwd_hooks()]
 
     def gap(fwd: list) -> float:
-        with model.hooks(fwd_hooks=fwd):
-            resid = model(tokens, stop_at_layer=model.cfg.n_layers)
-        return float(metric(last_position_logits(model, resid).float()).mean())
+        return _mean_gap(model, tokens, metric, fwd)
 
     with torch.no_grad():
         _, ctrl = model.run_with_cache(tokens, names_filter=latent_name)
